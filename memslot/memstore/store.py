@@ -181,6 +181,9 @@ class Store:
         """Close the database and release the writer lock (idempotent)."""
         if self._db is None:
             return
+        # Column-family objects keep the database (and its LOCK) alive until they are dropped.
+        self._cf.clear()
+        self._cf_handle.clear()
         self._db.close()
         self._db = None
         if not self._read_only:
@@ -311,10 +314,13 @@ class Store:
         row_bytes = self._row_bytes
         rows_iter = self._cf[CF_ROWS].iter()
         chunks: dict[int, bytes] = {}
-        for i, slot in enumerate(slot_list):
-            out_bytes[i * row_bytes : (i + 1) * row_bytes] = self._row_at(
-                rows_iter, slot, read_version, chunks
-            )
+        try:
+            for i, slot in enumerate(slot_list):
+                out_bytes[i * row_bytes : (i + 1) * row_bytes] = self._row_at(
+                    rows_iter, slot, read_version, chunks
+                )
+        finally:
+            del rows_iter  # a traceback must not keep the database open after close()
         return out
 
     def _row_at(
@@ -384,17 +390,20 @@ class Store:
         # below `version`, or on a later slot whose rows may all be newer (then seek again).
         row_bytes, n_slots = self._row_bytes, self._shape[0]
         rows_iter = self._cf[CF_ROWS].iter()
-        rows_iter.seek(row_key(0, version))
-        while rows_iter.valid():
-            slot, written_at = parse_row_key(rows_iter.key())
-            if written_at > version:
-                rows_iter.seek(row_key(slot, version))
-                continue
-            row = open_row(rows_iter.value(), slot, written_at)
-            out_bytes[slot * row_bytes : (slot + 1) * row_bytes] = row
-            if slot + 1 >= n_slots:
-                break
-            rows_iter.seek(row_key(slot + 1, version))
+        try:
+            rows_iter.seek(row_key(0, version))
+            while rows_iter.valid():
+                slot, written_at = parse_row_key(rows_iter.key())
+                if written_at > version:
+                    rows_iter.seek(row_key(slot, version))
+                    continue
+                row = open_row(rows_iter.value(), slot, written_at)
+                out_bytes[slot * row_bytes : (slot + 1) * row_bytes] = row
+                if slot + 1 >= n_slots:
+                    break
+                rows_iter.seek(row_key(slot + 1, version))
+        finally:
+            del rows_iter  # a traceback must not keep the database open after close()
 
     def verify(self, version: int | str | None = None) -> None:
         """Check that `version`'s rows still match the checksum in its record."""
