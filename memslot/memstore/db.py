@@ -44,6 +44,9 @@ def _options(*, create: bool) -> Options:
     table_options = BlockBasedOptions()
     table_options.set_block_size(64 << 10)
     options.set_block_based_table_factory(table_options)
+    # mmap reads hand 1 MiB chunks to the iterator without a copy into a block buffer (raw
+    # chunk streaming measured 6.9 vs 4.6 GiB/s on the development machine).
+    options.set_allow_mmap_reads(True)
     return options
 
 

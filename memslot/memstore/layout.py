@@ -13,9 +13,10 @@ Column families:
 - ``commits``: ``version (u64 BE)`` -> the JSON commit record.
 - ``tags``: ``name`` (UTF-8) -> version (u64 BE).
 
-Every value that holds row bytes is sealed with CRC-32 checksums so that a flipped bit raises
-:class:`CorruptionError` instead of serving wrong numbers. A chunk carries one checksum over the
-whole value (checked when loading the table) and one per row (checked when reading single rows).
+Every value that holds row bytes is sealed with checksums so that a flipped bit raises
+:class:`CorruptionError` instead of serving wrong numbers: a CRC-32 per row (checked when reading
+rows), and for base chunks also a fast 64-bit sum over all their rows (checked when loading the
+whole table, where CRC-32 would be the bottleneck).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 from memslot.memstore.errors import CorruptionError
@@ -51,7 +53,25 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
 _U64 = struct.Struct(">Q")
 _ROW_KEY = struct.Struct(">QQ")
 _CRC = struct.Struct(">I")
+_SUM = struct.Struct(">Q")
 _MAX_U64 = (1 << 64) - 1
+
+
+# Exponent bits of each dtype: a value is NaN or Inf exactly when all of them are set. Testing
+# the bits in numpy is exact and two orders of magnitude faster than torch.isfinite on bf16
+# (measured: 0.1 ms against 39 ms for 1,000 x 1,024), which keeps validation out of commit time.
+_EXPONENT_MASKS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+}
+
+
+def nonfinite_rows(rows: torch.Tensor) -> np.ndarray:
+    """(n,) bool: which rows of a contiguous 2-D CPU table hold a NaN or an Inf."""
+    int_dtype, mask = _EXPONENT_MASKS[rows.dtype]
+    bits = rows.view(int_dtype).numpy()
+    return ((bits & mask) == mask).any(axis=1)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -100,33 +120,61 @@ def open_row(value: bytes, slot: int, version: int) -> memoryview:
     return row
 
 
+def _sum64(data: memoryview) -> int:
+    """Wrapping sum of the little-endian u64 words of `data` (zero-padded), at memory speed.
+
+    CRC-32 runs at ~4 GB/s here and would cap table loads below half the plain-file rate; this
+    sum runs at ~20 GB/s and still catches every single-bit flip. Disk-level damage is also
+    caught by RocksDB's own block checksums, which it verifies on every read.
+    """
+    whole = len(data) // 8 * 8
+    total = int(np.frombuffer(data[:whole], dtype="<u8").sum(dtype=np.uint64))
+    total += int.from_bytes(bytes(data[whole:]).ljust(8, b"\0"), "little")
+    return total % (1 << 64)
+
+
+def _chunk_layout(value_len: int, row_bytes: int) -> tuple[int, int]:
+    """(n_rows, offset of the row bytes) of a sealed chunk of `value_len` bytes."""
+    n_rows = (value_len - _SUM.size) // (row_bytes + _CRC.size)
+    data_start = _SUM.size + n_rows * _CRC.size
+    data_start += -data_start % 8  # row bytes 8-aligned so the u64 sum reads them in place
+    if value_len != data_start + n_rows * row_bytes:
+        n_rows -= 1
+        data_start = _SUM.size + n_rows * _CRC.size
+        data_start += -data_start % 8
+    return n_rows, data_start
+
+
 def seal_chunk(rows: memoryview, row_bytes: int) -> bytes:
-    """Seal a run of rows: [crc of the rest][crc of each row][row bytes]."""
+    """Seal a run of rows: [u64 sum of the rows][CRC-32 of each row][pad][row bytes].
+
+    The sum is checked when loading the whole table; the per-row CRCs when reading one row.
+    """
     n_rows = len(rows) // row_bytes
     row_crcs = [zlib.crc32(rows[i * row_bytes : (i + 1) * row_bytes]) for i in range(n_rows)]
-    body = struct.pack(f">{n_rows}I", *row_crcs) + rows
-    return _CRC.pack(zlib.crc32(body)) + body
+    header = _SUM.pack(_sum64(rows)) + struct.pack(f">{n_rows}I", *row_crcs)
+    return header + bytes(-len(header) % 8) + rows
 
 
 def open_chunk(value: bytes, chunk_index: int, row_bytes: int) -> memoryview:
     """Verify a whole sealed chunk and return its row bytes (used when loading the table)."""
-    body = memoryview(value)[_CRC.size :]
-    if zlib.crc32(body) != _CRC.unpack_from(value)[0]:
+    n_rows, data_start = _chunk_layout(len(value), row_bytes)
+    data = memoryview(value)[data_start:]
+    if len(data) != n_rows * row_bytes or _sum64(data) != _SUM.unpack_from(value)[0]:
         raise CorruptionError(
             f"base chunk {chunk_index} fails its checksum: the store is damaged. Restore it "
             "from a backup (Store.backup)."
         )
-    n_rows = len(body) // (row_bytes + _CRC.size)
-    return body[n_rows * _CRC.size :]
+    return data
 
 
 def open_chunk_row(value: bytes, chunk_index: int, row_in_chunk: int, row_bytes: int) -> bytes:
     """Verify and return one row of a sealed chunk without checking the other rows."""
-    n_rows = (len(value) - _CRC.size) // (row_bytes + _CRC.size)
+    n_rows, data_start = _chunk_layout(len(value), row_bytes)
     if not 0 <= row_in_chunk < n_rows:
         raise CorruptionError(f"base chunk {chunk_index} is truncated: restore from a backup.")
-    expected = _CRC.unpack_from(value, _CRC.size * (1 + row_in_chunk))[0]
-    start = _CRC.size * (1 + n_rows) + row_in_chunk * row_bytes
+    expected = _CRC.unpack_from(value, _SUM.size + _CRC.size * row_in_chunk)[0]
+    start = data_start + row_in_chunk * row_bytes
     row = value[start : start + row_bytes]
     if zlib.crc32(row) != expected:
         raise CorruptionError(

@@ -59,6 +59,7 @@ from memslot.memstore.layout import (
     as_bytes_view,
     checksum_text,
     dtype_name,
+    nonfinite_rows,
     open_chunk,
     open_chunk_row,
     open_row,
@@ -730,9 +731,9 @@ class Store:
                 f"rows.to({self._dtype}) before committing."
             )
         rows = rows.detach().to("cpu").contiguous()
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            bad = [slots[i] for i in (~finite).nonzero().flatten().tolist()]
+        nonfinite = nonfinite_rows(rows)
+        if bool(nonfinite.any()):
+            bad = [slots[i] for i in np.flatnonzero(nonfinite).tolist()]
             raise ValidationError(
                 f"rows for slot(s) {bad[:10]} contain NaN or Inf: the store only holds finite "
                 "values. Fix the edit that produced them."
@@ -768,10 +769,9 @@ def _check_table(table: torch.Tensor) -> None:
             f"table dtype {table.dtype} is not supported: use float32, float16 or bfloat16."
         )
     for start in range(0, table.shape[0], 1 << 16):  # bounded temporaries for huge tables
-        block = table[start : start + (1 << 16)]
-        finite = torch.isfinite(block).all(dim=1)
-        if not bool(finite.all()):
-            first = start + int((~finite).nonzero()[0])
+        nonfinite = nonfinite_rows(table[start : start + (1 << 16)].contiguous())
+        if bool(nonfinite.any()):
+            first = start + int(np.flatnonzero(nonfinite)[0])
             raise ValidationError(
                 f"table row {first} contains NaN or Inf: the store only holds finite values."
             )
