@@ -60,7 +60,27 @@ def bench_commits(workdir: Path, n_slots: int, reps: int) -> tuple[list[list[str
             f"{percentile(samples, 99) * 1e3:.2f} ms",
             f"{reps} commits",
         ])
+    results.append(fsync_floor(workdir, 1000 * dim * 2, reps))
     return results, store
+
+
+def fsync_floor(workdir: Path, n_bytes: int, reps: int) -> list[str]:
+    """What this disk needs to make a 1,000-row commit's bytes durable outside RocksDB."""
+    samples = []
+    payload = os.urandom(n_bytes)
+    with open(workdir / "fsync.bin", "wb") as handle:
+        for _ in range(reps):
+            start = time.perf_counter()
+            handle.write(payload)
+            handle.flush()
+            os.fdatasync(handle.fileno())
+            samples.append(time.perf_counter() - start)
+    return [
+        f"plain file: append {n_bytes / 2**20:.1f} MiB + fdatasync (disk floor)",
+        f"{percentile(samples, 50) * 1e3:.2f} ms",
+        f"{percentile(samples, 99) * 1e3:.2f} ms",
+        f"{reps} writes",
+    ]
 
 
 def bench_row_reads(store: Store, reps: int) -> list[list[str]]:
