@@ -54,12 +54,14 @@ def bench_commits(workdir: Path, n_slots: int, reps: int) -> tuple[list[list[str
             start = time.perf_counter()
             store.commit(slots, rows, expected_parent=store.head)
             samples.append(time.perf_counter() - start)
-        results.append([
-            f"commit {n_rows:,} row(s) x 1,024 bf16",
-            f"{percentile(samples, 50) * 1e3:.2f} ms",
-            f"{percentile(samples, 99) * 1e3:.2f} ms",
-            f"{reps} commits",
-        ])
+        results.append(
+            [
+                f"commit {n_rows:,} row(s) x 1,024 bf16",
+                f"{percentile(samples, 50) * 1e3:.2f} ms",
+                f"{percentile(samples, 99) * 1e3:.2f} ms",
+                f"{reps} commits",
+            ]
+        )
     results.append(fsync_floor(workdir, 1000 * dim * 2, reps))
     return results, store
 
@@ -96,12 +98,14 @@ def bench_row_reads(store: Store, reps: int) -> list[list[str]]:
                 start = time.perf_counter()
                 store.read_rows(slots, version)
                 samples.append(time.perf_counter() - start)
-            results.append([
-                f"read_rows {n_rows} random slot(s) at {label}",
-                f"{percentile(samples, 50) * 1e3:.3f} ms",
-                f"{percentile(samples, 99) * 1e3:.3f} ms",
-                f"{reps} reads",
-            ])
+            results.append(
+                [
+                    f"read_rows {n_rows} random slot(s) at {label}",
+                    f"{percentile(samples, 50) * 1e3:.3f} ms",
+                    f"{percentile(samples, 99) * 1e3:.3f} ms",
+                    f"{reps} reads",
+                ]
+            )
     return results
 
 
@@ -139,21 +143,37 @@ def bench_load(workdir: Path, n_slots: int, dim: int, reps: int) -> tuple[list[l
     ratio = store_rate / file_rate
     shape = f"{n_slots:,} x {dim} fp32 ({size / 2**30:.2f} GiB)"
     return [
-        [f"load_table {shape}", f"{store_rate:.2f} GiB/s",
-         f"{statistics.median(store_s) * 1e3:.0f} ms", f"median of {reps}"],
-        ["plain file readinto, same bytes", f"{file_rate:.2f} GiB/s",
-         f"{statistics.median(file_s) * 1e3:.0f} ms", f"median of {reps}"],
+        [
+            f"load_table {shape}",
+            f"{store_rate:.2f} GiB/s",
+            f"{statistics.median(store_s) * 1e3:.0f} ms",
+            f"median of {reps}",
+        ],
+        [
+            "plain file readinto, same bytes",
+            f"{file_rate:.2f} GiB/s",
+            f"{statistics.median(file_s) * 1e3:.0f} ms",
+            f"median of {reps}",
+        ],
         ["load_table / plain file", f"{ratio:.0%}", "", "target >= 50%"],
-        [f"Store.create {shape}", f"{size / create_s / 2**30:.2f} GiB/s",
-         f"{create_s * 1e3:.0f} ms", "once"],
+        [
+            f"Store.create {shape}",
+            f"{size / create_s / 2**30:.2f} GiB/s",
+            f"{create_s * 1e3:.0f} ms",
+            "once",
+        ],
     ], ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where to put the stores (default: a temporary folder)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to put the stores (default: a temporary folder)",
+    )
     args = parser.parse_args()
     if args.quick:
         commit_slots, commit_reps, read_reps, load_slots, load_reps = 8_192, 30, 100, 65_536, 3
@@ -162,12 +182,16 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         workdir = Path(tmp)
-        print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} "
-              f"{platform.release()}, Python {platform.python_version()}, torch "
-              f"{torch.__version__}, rocksdict {package_version('rocksdict')}")
+        print(
+            f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch "
+            f"{torch.__version__}, rocksdict {package_version('rocksdict')}"
+        )
         print(f"store folder: {workdir} (page cache warm; every commit fsyncs the WAL)")
-        print(f"sizes: commits into a {commit_slots:,} x 1,024 bf16 table; load of a "
-              f"{load_slots:,} x 256 fp32 table{' (--quick)' if args.quick else ''}\n")
+        print(
+            f"sizes: commits into a {commit_slots:,} x 1,024 bf16 table; load of a "
+            f"{load_slots:,} x 256 fp32 table{' (--quick)' if args.quick else ''}\n"
+        )
         commit_rows, store = bench_commits(workdir, commit_slots, commit_reps)
         with store:
             read_rows = bench_row_reads(store, read_reps)

@@ -135,13 +135,21 @@ def test_values_are_raw_bytes_never_pickles(store, table):
 def test_commit_writes_a_new_version_with_its_record(store, table):
     rows = random_rows(2)
     version = store.commit(
-        [5, 2], rows, expected_parent=0, author="bob", message="fix", kind="edit",
+        [5, 2],
+        rows,
+        expected_parent=0,
+        author="bob",
+        message="fix",
+        kind="edit",
         meta={"ticket": 7},
     )
     assert isinstance(version, Version)
     assert (version.version, version.parent, version.slots) == (1, 0, (5, 2))
     assert (version.author, version.message, version.kind, version.meta) == (
-        "bob", "fix", "edit", {"ticket": 7},
+        "bob",
+        "fix",
+        "edit",
+        {"ticket": 7},
     )
     assert version.checksum.startswith("crc32:")
     assert version.time.endswith("+00:00")  # UTC
@@ -502,7 +510,10 @@ def test_a_second_writer_process_is_told_which_process_holds_the_store(store):
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(store.path)],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert f"in-use {os.getpid()} store {store.path} is in use by process {os.getpid()}" in (

@@ -68,7 +68,10 @@ WRITER_FORKER = textwrap.dedent(
 def start_forker(store_path: Path) -> tuple[subprocess.Popen, queue.Queue]:
     forker = subprocess.Popen(
         [sys.executable, "-c", WRITER_FORKER, str(store_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
     )
     lines: queue.Queue = queue.Queue()
 

@@ -41,8 +41,9 @@ def assert_reads_match_model(store: Store, model: list[torch.Tensor], first: int
         slots = data.draw(st.lists(st.integers(0, N_SLOTS - 1), max_size=6), label="read slots")
         assert torch.equal(store.read_rows(slots, version), model[version][slots])
         store.verify(version)
-    v1, v2 = data.draw(st.integers(first, len(model) - 1)), data.draw(
-        st.integers(first, len(model) - 1)
+    v1, v2 = (
+        data.draw(st.integers(first, len(model) - 1)),
+        data.draw(st.integers(first, len(model) - 1)),
     )
     differs = (model[v1].view(torch.uint8) != model[v2].view(torch.uint8)).any(dim=1)
     diff = store.diff(v1, v2, rows=True)
@@ -58,8 +59,9 @@ def test_every_version_reads_back_exactly_as_the_model(dtype, ops, data):
     table = torch.randn(N_SLOTS, DIM, generator=torch.Generator().manual_seed(0)).to(dtype)
     model = [table.clone()]
     # Two rows per base chunk so histories cross chunk boundaries.
-    with tempfile.TemporaryDirectory() as tmp, mock.patch(
-        "memslot.memstore.store.CHUNK_TARGET_BYTES", 2 * DIM * dtype.itemsize
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch("memslot.memstore.store.CHUNK_TARGET_BYTES", 2 * DIM * dtype.itemsize),
     ):
         path = Path(tmp) / "store"
         store = Store.create(path, table)

@@ -1,0 +1,47 @@
+"""The one dispatch point for memory-layer kernels.
+
+The model calls ``product_key_topk`` and ``embedding_bag`` from here. Tensors on CUDA go to the
+Triton kernels when a backend has been registered for them; everything else runs the
+pure-PyTorch reference in ``reference.py``, which is also the oracle the fast kernels are tested
+against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from memslot.kernels import reference
+
+# device type -> {"product_key_topk": fn, "embedding_bag": fn}; filled by optional backends.
+_BACKENDS: dict[str, dict[str, Callable]] = {}
+
+
+def register_backend(device_type: str, **kernels: Callable) -> None:
+    """Route the named kernels for tensors of ``device_type`` (e.g. "cuda") to ``kernels``."""
+    _BACKENDS.setdefault(device_type, {}).update(kernels)
+
+
+def _pick(name: str, tensor: torch.Tensor) -> Callable:
+    return _BACKENDS.get(tensor.device.type, {}).get(name) or getattr(reference, name)
+
+
+def _cpu_fp32(values: torch.Tensor) -> bool:
+    return values.device.type == "cpu" and values.dtype == torch.float32
+
+
+def product_key_topk(
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, slots), each (N, H, topk); see ``reference.product_key_topk``."""
+    return _pick("product_key_topk", q1)(q1, q2, keys1, keys2, topk)
+
+
+def embedding_bag(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+) -> torch.Tensor:
+    """Weighted sum of value rows, (N, D) fp32; see ``reference.embedding_bag``."""
+    if _cpu_fp32(values) and "embedding_bag" not in _BACKENDS.get("cpu", {}):
+        return reference.embedding_bag_native(values, indices, weights, sparse_grad)
+    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad)

@@ -157,8 +157,9 @@ class Store:
                 "dtype": dtype_name(table.dtype),
                 "chunk_rows": chunk_rows,
             }
-            record = Version(0, None, utc_now(), author, message, "create", (),
-                             f"crc32:{crc:08x}", {})
+            record = Version(
+                0, None, utc_now(), author, message, "create", (), f"crc32:{crc:08x}", {}
+            )
             batch.put(pack_u64(0), record.to_bytes(), db.get_column_family_handle(CF_COMMITS))
             batch.put(META_FORMAT, json.dumps(fmt).encode())
             batch.put(META_OLDEST_READABLE, pack_u64(0))
@@ -198,8 +199,10 @@ class Store:
 
     def __repr__(self) -> str:
         mode = "read-only" if self._read_only else "read-write"
-        return f"Store({str(self._path)!r}, shape={self._shape}, dtype={self._dtype}, " \
-               f"head={self._head}, {mode})"
+        return (
+            f"Store({str(self._path)!r}, shape={self._shape}, dtype={self._dtype}, "
+            f"head={self._head}, {mode})"
+        )
 
     # ---------------------------------------------------------------------------- properties
 
@@ -256,7 +259,12 @@ class Store:
             return self._write_commit(slot_list, rows, author, message, kind, meta)
 
     def _write_commit(
-        self, slots: list[int], rows: torch.Tensor, author: str, message: str, kind: str,
+        self,
+        slots: list[int],
+        rows: torch.Tensor,
+        author: str,
+        message: str,
+        kind: str,
         meta: dict,
     ) -> Version:
         version = self._head + 1
@@ -265,10 +273,20 @@ class Store:
         batch = WriteBatch(raw_mode=True)
         cf_rows = self._cf_handle[CF_ROWS]
         for i, slot in enumerate(slots):
-            batch.put(row_key(slot, version), seal_row(data[i * row_bytes : (i + 1) * row_bytes]),
-                      cf_rows)
-        record = Version(version, self._head, utc_now(), author, message, kind, tuple(slots),
-                         checksum_text(data), meta)
+            batch.put(
+                row_key(slot, version), seal_row(data[i * row_bytes : (i + 1) * row_bytes]), cf_rows
+            )
+        record = Version(
+            version,
+            self._head,
+            utc_now(),
+            author,
+            message,
+            kind,
+            tuple(slots),
+            checksum_text(data),
+            meta,
+        )
         batch.put(pack_u64(version), record.to_bytes(), self._cf_handle[CF_COMMITS])
         batch.put(META_HEAD, pack_u64(version))
         self._live_db().write(batch, self._synced)
@@ -300,8 +318,12 @@ class Store:
             slots = self.changed_slots(target_version, self._head)
             rows = self.read_rows(slots, target_version)
             return self._write_commit(
-                slots, rows, author, message or f"rollback to version {target_version}",
-                "rollback", {"target": target_version},
+                slots,
+                rows,
+                author,
+                message or f"rollback to version {target_version}",
+                "rollback",
+                {"target": target_version},
             )
 
     # --------------------------------------------------------------------------------- reads
@@ -495,8 +517,7 @@ class Store:
             if raw is None:
                 known = ", ".join(sorted(self.tags())) or "none"
                 raise VersionNotFoundError(
-                    f"'{text}' is not a version number, 'head', 'head~N' or a tag "
-                    f"(tags: {known})."
+                    f"'{text}' is not a version number, 'head', 'head~N' or a tag (tags: {known})."
                 )
             return unpack_u64(raw)
         try:
@@ -551,8 +572,13 @@ class Store:
         self._check_writable()
         with self._write_lock:
             keep = self.resolve(keep_from)
-            stats = {"keep_from": keep, "rows_folded": 0, "rows_dropped": 0,
-                     "chunks_rewritten": 0, "oldest_readable": self._oldest_readable}
+            stats = {
+                "keep_from": keep,
+                "rows_folded": 0,
+                "rows_dropped": 0,
+                "chunks_rewritten": 0,
+                "oldest_readable": self._oldest_readable,
+            }
             if keep <= self._oldest_readable:
                 return stats
             folded: dict[int, bytes | memoryview] = {}
@@ -570,21 +596,27 @@ class Store:
             batch = WriteBatch(raw_mode=True)
             row_bytes = self._row_bytes
             for chunk_index, slots in by_chunk.items():
-                data = bytearray(open_chunk(self._base_chunk(chunk_index), chunk_index,
-                                            row_bytes))
+                data = bytearray(open_chunk(self._base_chunk(chunk_index), chunk_index, row_bytes))
                 for slot in slots:
                     offset = (slot - chunk_index * self._chunk_rows) * row_bytes
                     data[offset : offset + row_bytes] = folded[slot]
-                batch.put(pack_u64(chunk_index), seal_chunk(memoryview(data), row_bytes),
-                          self._cf_handle[CF_BASE])
+                batch.put(
+                    pack_u64(chunk_index),
+                    seal_chunk(memoryview(data), row_bytes),
+                    self._cf_handle[CF_BASE],
+                )
             for key in dropped:
                 batch.delete(key, self._cf_handle[CF_ROWS])
             batch.put(META_OLDEST_READABLE, pack_u64(keep))
             self._live_db().write(batch, self._synced)
             self._oldest_readable = keep
             self._cf[CF_ROWS].compact_range(None, None)  # reclaim the dropped rows' space now
-            stats.update(rows_folded=len(folded), rows_dropped=len(dropped),
-                         chunks_rewritten=len(by_chunk), oldest_readable=keep)
+            stats.update(
+                rows_folded=len(folded),
+                rows_dropped=len(dropped),
+                chunks_rewritten=len(by_chunk),
+                oldest_readable=keep,
+            )
             return stats
 
     # --------------------------------------------------------------- backup, export, import
@@ -601,10 +633,14 @@ class Store:
         """Write the table at `version` to a safetensors file (tensor "values")."""
         resolved = self._readable(version)
         table = self.load_table(resolved)
-        save_file({EXPORT_TENSOR_NAME: table}, str(path), metadata={
-            "memslot.version": str(resolved),
-            "memslot.store": str(self._path),
-        })
+        save_file(
+            {EXPORT_TENSOR_NAME: table},
+            str(path),
+            metadata={
+                "memslot.version": str(resolved),
+                "memslot.store": str(self._path),
+            },
+        )
 
     def import_version(
         self, path: str | Path, *, expected_parent: int, author: str = "", message: str = ""
@@ -638,8 +674,9 @@ class Store:
             meta = {"source": str(path)}
             if source_version is not None:
                 meta["source_version"] = source_version
-            return self._write_commit(slots, rows, author, message or f"import {path}",
-                                      "import", meta)
+            return self._write_commit(
+                slots, rows, author, message or f"import {path}", "import", meta
+            )
 
     # ---------------------------------------------------------------------------- validation
 
@@ -748,8 +785,11 @@ class Store:
             or out.device.type != "cpu"
             or not out.is_contiguous()
         ):
-            described = (f"{tuple(out.shape)} {out.dtype} on {out.device}"
-                         if isinstance(out, torch.Tensor) else type(out).__name__)
+            described = (
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
             raise ValidationError(
                 f"out must be a contiguous CPU tensor of shape {self._shape} and dtype "
                 f"{self._dtype}, got {described}."
@@ -761,8 +801,7 @@ def _check_table(table: torch.Tensor) -> None:
         raise ValidationError(f"table must be a torch.Tensor, got {type(table).__name__}.")
     if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] == 0:
         raise ValidationError(
-            f"table must be 2-D (n_slots, dim) with both sizes > 0, got shape "
-            f"{tuple(table.shape)}."
+            f"table must be 2-D (n_slots, dim) with both sizes > 0, got shape {tuple(table.shape)}."
         )
     if table.dtype not in SUPPORTED_DTYPES.values():
         raise ValidationError(
@@ -804,6 +843,7 @@ def _as_slot(slot: object) -> int:
 
 def _is_integer_array(array: torch.Tensor | np.ndarray) -> bool:
     if isinstance(array, torch.Tensor):
-        return not array.is_floating_point() and not array.is_complex() \
-            and array.dtype != torch.bool
+        return (
+            not array.is_floating_point() and not array.is_complex() and array.dtype != torch.bool
+        )
     return np.issubdtype(array.dtype, np.integer)

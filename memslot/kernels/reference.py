@@ -1,0 +1,131 @@
+"""Pure-PyTorch memory-layer kernels: the CPU path and the oracle for the Triton kernels.
+
+Two operations make up the hot path of a product-key memory:
+
+* ``product_key_topk``: score each half of a query against its n_keys sub-keys, keep the top-k
+  of each half, then rank the k x k sums again and keep the top-k. Because a sum can only be in
+  the global top-k if each of its halves is in its half's top-k, this equals brute-force top-k
+  over all n_keys**2 slots at a cost of O(n_keys) instead of O(n_keys**2).
+* ``embedding_bag``: a weighted sum of value rows per token, with a backward that produces
+  gradients for the weights and for only the value rows that were read (sparse or dense).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def product_key_topk(
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k slots of a product-key memory.
+
+    q1, q2: (N, H, half) query halves; keys1, keys2: (H, n_keys, half) sub-keys.
+    Returns scores (N, H, topk) in descending order and slot indices (N, H, topk), int64,
+    where slot = i1 * n_keys + i2.
+    """
+    n_keys = keys1.shape[1]
+    s1 = torch.einsum("nhd,hkd->nhk", q1, keys1)  # (N, H, n_keys)
+    s2 = torch.einsum("nhd,hkd->nhk", q2, keys2)  # (N, H, n_keys)
+    t1, i1 = s1.topk(topk, dim=-1)  # (N, H, k)
+    t2, i2 = s2.topk(topk, dim=-1)  # (N, H, k)
+    cand = (t1.unsqueeze(-1) + t2.unsqueeze(-2)).flatten(-2)  # (N, H, k*k)
+    scores, flat = cand.topk(topk, dim=-1)  # (N, H, k)
+    slots = i1.gather(-1, flat // topk) * n_keys + i2.gather(-1, flat % topk)
+    return scores, slots
+
+
+def brute_force_topk(
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over every one of the n_keys**2 slot scores (the definition product keys must meet)."""
+    s1 = torch.einsum("nhd,hkd->nhk", q1, keys1)
+    s2 = torch.einsum("nhd,hkd->nhk", q2, keys2)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (N, H, n_keys**2)
+    return full.topk(topk, dim=-1)
+
+
+def embedding_bag_forward(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """out[n] = sum_b weights[n, b] * values[indices[n, b]], accumulated in fp32.
+
+    values: (S, D); indices: (N, B) int64; weights: (N, B). Returns (N, D) in fp32.
+    """
+    if values.dtype == torch.float32:
+        return F.embedding_bag(
+            indices, values, mode="sum", per_sample_weights=weights.to(torch.float32)
+        )
+    rows = values[indices].to(torch.float32)  # (N, B, D)
+    return torch.einsum("nbd,nb->nd", rows, weights.to(torch.float32))
+
+
+def embedding_bag_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``embedding_bag_forward``.
+
+    Returns (grad_weights (N, B) fp32, slots (U,) sorted unique int64, grad_rows (U, D) fp32):
+    the value-table gradient is non-zero only on the rows that were read, so it is returned as
+    those rows. Summation order is fixed by ``index_add_`` over the sorted slot order, so the
+    result does not depend on thread scheduling.
+    """
+    g = grad_out.to(torch.float32)  # (N, D)
+    rows = values[indices].to(torch.float32)  # (N, B, D)
+    grad_weights = torch.einsum("nbd,nd->nb", rows, g)
+    contrib = weights.to(torch.float32).unsqueeze(-1) * g.unsqueeze(1)  # (N, B, D)
+    slots, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
+    grad_rows = torch.zeros(slots.numel(), values.shape[1], dtype=torch.float32, device=g.device)
+    grad_rows.index_add_(0, inverse, contrib.reshape(-1, values.shape[1]))
+    return grad_weights, slots, grad_rows
+
+
+class EmbeddingBag(torch.autograd.Function):
+    """Weighted embedding bag with an explicit backward (sparse or dense value gradient)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, sparse_grad: bool):  # noqa: D102
+        ctx.save_for_backward(values, indices, weights)
+        ctx.sparse_grad = sparse_grad
+        return embedding_bag_forward(values, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        values, indices, weights = ctx.saved_tensors
+        grad_weights, slots, grad_rows = embedding_bag_backward(grad_out, values, indices, weights)
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            if ctx.sparse_grad:
+                grad_values = torch.sparse_coo_tensor(
+                    slots.unsqueeze(0),
+                    grad_rows.to(values.dtype),
+                    values.shape,
+                    is_coalesced=True,
+                    check_invariants=False,
+                )
+            else:
+                grad_values = torch.zeros_like(values)
+                grad_values.index_copy_(0, slots, grad_rows.to(values.dtype))
+        grad_w = grad_weights.to(weights.dtype) if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_w, None
+
+
+def embedding_bag(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+) -> torch.Tensor:
+    """Differentiable weighted embedding bag; see ``embedding_bag_forward``."""
+    return EmbeddingBag.apply(values, indices, weights, sparse_grad)
+
+
+def embedding_bag_native(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+) -> torch.Tensor:
+    """The same operation through PyTorch's built-in ``F.embedding_bag`` autograd.
+
+    Faster on the CPU for fp32 tables (its backward never materialises the (N, B, D) rows); the
+    explicit ``embedding_bag`` above is its oracle in the tests.
+    """
+    return F.embedding_bag(
+        indices, values, mode="sum", per_sample_weights=weights.to(values.dtype), sparse=sparse_grad
+    )

@@ -1,0 +1,77 @@
+"""ProductKeyMemory: the Memory+ layer of "Memory Layers at Scale" (Berges et al., 2024).
+
+    q      = W_q x                               per head, split in two halves    (N, H, k_dim)
+    q1, q2 = rmsnorm(q1), rmsnorm(q2)            qk-norm (keys normalised too)     (N, H, k_dim/2)
+    s, i   = product-key top-k over n_keys**2    scores and slot indices           (N, H, k)
+    w      = softmax(s) in fp32                  one distribution per head         (N, H, k)
+    m      = sum_{h,j} w[h,j] * V[i[h,j]]        one bag of H*k rows per token     (N, Dv)
+    y      = W_out( silu(W_gate x) * m )         gated output                      (N, D)
+
+The value table V is shared by every memory layer of a model and is passed in at call time;
+keys, query and gate/output projections belong to the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memslot import kernels
+from memslot.model.config import MemoryConfig
+
+
+@dataclass
+class Lookup:
+    """What one memory layer read: slots (B, T, H, k) int64 and their weights (B, T, H, k) fp32."""
+
+    layer: int
+    slots: torch.Tensor
+    weights: torch.Tensor
+
+
+def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class ProductKeyMemory(nn.Module):
+    def __init__(self, d_model: int, value_dim: int, cfg: MemoryConfig, layer_index: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_index = layer_index
+        half = cfg.k_dim // 2
+        self.query = nn.Linear(d_model, cfg.heads * cfg.k_dim, bias=False)
+        # (H, 2, n_keys, k_dim/2): two sets of sub-keys per head
+        self.keys = nn.Parameter(torch.randn(cfg.heads, 2, cfg.n_keys, half) / half**0.5)
+        self.query_norm_weight = nn.Parameter(torch.ones(2, half)) if cfg.qk_norm else None
+        self.gate = nn.Linear(d_model, value_dim, bias=False)
+        self.out = nn.Linear(value_dim, d_model, bias=False)
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots and softmax weights read for each token: ((N, H, k) int64, (N, H, k) fp32)."""
+        cfg = self.cfg
+        q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
+        q1, q2 = q.chunk(2, dim=-1)  # (N, H, k_dim/2) each
+        keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
+        if cfg.qk_norm:
+            q1 = rms_normalise(q1) * self.query_norm_weight[0]
+            q2 = rms_normalise(q2) * self.query_norm_weight[1]
+            keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
+        scores, slots = kernels.product_key_topk(q1, q2, keys1, keys2, cfg.topk)  # (N, H, k)
+        weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
+        return slots, weights
+
+    def forward(
+        self, x: torch.Tensor, values: torch.Tensor, sparse_grad: bool = False
+    ) -> tuple[torch.Tensor, Lookup]:
+        B, T, _ = x.shape
+        slots, weights = self.lookup(x)  # (N, H, k)
+        bag = kernels.embedding_bag(
+            values, slots.flatten(1), weights.flatten(1), sparse_grad
+        )  # (N, Dv) fp32
+        memory = bag.to(x.dtype).view(B, T, -1)  # (B, T, Dv)
+        y = self.out(F.silu(self.gate(x)) * memory)  # (B, T, D)
+        hk = slots.shape[1:]
+        return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))

@@ -1,0 +1,181 @@
+"""The memory-layer transformer: config validation, decoding, checkpoints, lookups."""
+
+import pytest
+import torch
+
+from memslot.model.checkpoint import load_model, save_model
+from memslot.model.config import ConfigError, MemoryConfig, ModelConfig
+from memslot.model.generate import generate
+from memslot.model.train import exact_match
+from memslot.model.transformer import MemoryTransformer, PromptTooLongError
+
+
+def small_config(**memory) -> ModelConfig:
+    mem = dict(n_keys=8, heads=2, topk=3, k_dim=8, layers=(1,))
+    mem.update(memory)
+    return ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=16,
+        max_seq_len=24,
+        memory=MemoryConfig(**mem),
+    )
+
+
+def random_model(seed=0, **memory) -> MemoryTransformer:
+    torch.manual_seed(seed)
+    model = MemoryTransformer(small_config(**memory))
+    model.memory_values.data.normal_()  # large values make the memory visible in the logits
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "memory,model,match",
+    [
+        (dict(n_keys=0), {}, "n_keys must be a positive integer"),
+        (dict(n_keys=2.5), {}, "n_keys must be a positive integer"),
+        (dict(n_keys=4, topk=5), {}, r"topk \(5\) is larger than memory.n_keys \(4\)"),
+        (dict(k_dim=7), {}, "k_dim must be an even integer"),
+        (dict(layers=(5,)), {}, "memory layer index 5 is outside"),
+        ({}, dict(n_heads=5), r"n_heads \(5\) must divide d_model \(32\)"),
+        ({}, dict(d_model=0), "d_model must be a positive integer"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_a_message_that_says_what_to_fix(memory, model, match):
+    mem = dict(n_keys=8, heads=2, topk=3, k_dim=8, layers=(1,))
+    mem.update(memory)
+    kwargs = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=2)
+    kwargs.update(model)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kwargs, memory=MemoryConfig(**mem))
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = small_config(qk_norm=False)
+    cfg.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = random_model()
+    for seed in range(3):
+        tokens = torch.randint(3, 50, (1, 6), generator=torch.Generator().manual_seed(seed))
+        full = model(tokens).logits
+        cache = model.new_cache()
+        first = model(tokens[:, :4], cache=cache).logits
+        rest = [model(tokens[:, i : i + 1], cache=cache).logits for i in (4, 5)]
+        stepped = torch.cat([first] + rest, dim=1)
+        torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_cache(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    for prompt in ["Where was", "The founder of", "Q: Who"]:
+        with_cache = generate(model, tok, prompt, max_new_tokens=8)
+        without = generate(model, tok, prompt, max_new_tokens=8, use_cache=False)
+        assert with_cache.tokens == without.tokens
+
+
+def test_sampling_is_reproducible_with_a_seed_and_greedy_at_temperature_zero(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    a = generate(model, tok, "The job of", max_new_tokens=6, temperature=1.5, seed=7)
+    b = generate(model, tok, "The job of", max_new_tokens=6, temperature=1.5, seed=7)
+    assert a.tokens == b.tokens
+    greedy = generate(model, tok, "The job of", max_new_tokens=6)
+    assert len(greedy.tokens) <= 6
+
+
+def test_generation_stops_at_the_token_limit_or_the_end_token(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    g = generate(model, tok, "Where was", max_new_tokens=2)
+    assert len(g.tokens) <= 2
+    g = generate(model, tok, "Where was", max_new_tokens=30)
+    assert g.stopped_at_eos == (g.tokens[-1] == tok.eos_id)
+    assert tok.eos_id not in g.tokens[:-1]
+
+
+def test_over_long_and_empty_prompts_give_clear_errors(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    with pytest.raises(PromptTooLongError, match="shorten"):
+        generate(model, tok, "word " * 500)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, tok, "")
+    with pytest.raises(PromptTooLongError, match="max_seq_len"):
+        model(torch.zeros(1, model.cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_checkpoint_round_trip_is_bit_exact_and_generates_identically(tiny_model_dir, tmp_path):
+    model, tok = load_model(tiny_model_dir)
+    save_model(model, tok, tmp_path / "copy")
+    again, tok2 = load_model(tmp_path / "copy")
+    for (name, a), (name2, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert name == name2 and torch.equal(a, b), name
+    assert tok2.encode("Where was Ada Vance born?") == tok.encode("Where was Ada Vance born?")
+    for prompt in ["Where was", "The employer of"]:
+        assert generate(model, tok, prompt).tokens == generate(again, tok2, prompt).tokens
+
+
+def test_lookup_reports_exactly_the_rows_the_output_depends_on():
+    model = random_model(seed=1)
+    tokens = torch.tensor([[5, 9, 13, 2]])
+    out = model(tokens)
+    (lookup,) = out.lookups
+    assert lookup.slots.shape == (1, 4, 2, 3) and lookup.weights.shape == (1, 4, 2, 3)
+    torch.testing.assert_close(lookup.weights.sum(-1), torch.ones(1, 4, 2))
+    read = set(lookup.slots.flatten().tolist())
+    unread = next(s for s in range(model.cfg.memory.n_slots) if s not in read)
+    reported = next(iter(read))
+
+    patched = model.memory_values.detach().clone()
+    patched[unread] += 10.0
+    assert torch.equal(model(tokens, values=patched).logits, out.logits)
+
+    patched = model.memory_values.detach().clone()
+    patched[reported] += 10.0
+    assert not torch.allclose(model(tokens, values=patched).logits, out.logits)
+
+
+def test_lookup_slots_match_the_layer_lookup_method():
+    model = random_model(seed=2)
+    tokens = torch.tensor([[3, 4, 5]])
+    (lookup,) = model(tokens).lookups
+    assert lookup.layer == 1
+    assert int(lookup.slots.max()) < model.cfg.memory.n_slots
+
+
+def test_qk_norm_switch_changes_the_lookup():
+    on, off = random_model(seed=3, qk_norm=True), random_model(seed=3, qk_norm=False)
+    assert on.blocks[1].ffn.query_norm_weight is not None
+    assert off.blocks[1].ffn.query_norm_weight is None
+    tokens = torch.tensor([[7, 8, 9, 10]])
+    assert not torch.equal(on(tokens).lookups[0].slots, off(tokens).lookups[0].slots)
+
+
+def test_zeroed_value_table_silences_the_memory_layer():
+    model = random_model(seed=4)
+    tokens = torch.tensor([[1, 2, 3]])
+    zero = torch.zeros_like(model.memory_values)
+    x = torch.randn(1, 3, 32)
+    y, _ = model.blocks[1].ffn(x, zero)
+    assert torch.all(y == 0)
+    assert model(tokens, values=zero).logits.shape == (1, 3, 50)
+
+
+def test_teacher_forced_exact_match_agrees_with_greedy_decoding(tiny_model_dir):
+    from memslot.demo.recipe import load_corpus
+
+    model, tok = load_model(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    examples = corpus.examples(held_out=False)[:40] + corpus.examples(held_out=True)[:20]
+    pairs = [(e.prompt, e.answer) for e in examples]
+    fast = exact_match(model, tok, pairs)
+    slow = []
+    for prompt, answer in pairs:
+        g = generate(model, tok, prompt, max_new_tokens=12)
+        slow.append(g.stopped_at_eos and g.text == answer)
+    assert fast == slow
+    assert any(fast), "the tiny model should know some of its training facts"
