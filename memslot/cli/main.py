@@ -75,3 +75,8 @@ def train_demo_cmd(out: str, device: str, recipe: str, as_json: bool) -> None:
 
 def main() -> None:  # pragma: no cover - console-script entry
     sys.exit(cli())
+
+
+from memslot.cli.serve import serve  # noqa: E402
+
+cli.add_command(serve)

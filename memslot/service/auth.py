@@ -1,0 +1,144 @@
+"""Who may call what: bearer tokens with two roles, and where an open server may listen.
+
+A tokens file has one ``<role> <token>`` per line, role ``reader`` (read RPCs only) or
+``editor`` (everything); blank lines and ``#`` comments are ignored. With tokens configured,
+every MemoryService call needs ``authorization: Bearer <token>`` metadata: a missing or unknown
+token gets UNAUTHENTICATED, a reader calling a write gets PERMISSION_DENIED. The health and
+reflection services stay open so that generic tools (grpc_health_probe, grpcurl) work.
+
+Without tokens anyone who can reach the port could rewrite the memory, so an open server may
+only listen on a loopback address.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import ipaddress
+from pathlib import Path
+
+import grpc
+
+SERVICE = "memslot.v1.MemoryService"
+WRITE_METHODS = frozenset({"WriteSlots", "InjectFacts", "FineTune", "Rollback", "Tag"})
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Role(enum.IntEnum):
+    READER = 1
+    EDITOR = 2
+
+
+class AuthConfigError(ValueError):
+    """A tokens file or listen address that the server refuses; the message says what to fix."""
+
+
+def load_tokens(path: str | Path) -> dict[str, Role]:
+    """Parse a tokens file into {token: role}."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read tokens file {path}: {exc.strerror}") from None
+    tokens: dict[str, Role] = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        if len(parts) != 2 or parts[0] not in ("reader", "editor"):
+            raise AuthConfigError(
+                f"{path}:{number}: expected '<role> <token>' with role 'reader' or 'editor', "
+                f"got {text!r}"
+            )
+        role, token = Role[parts[0].upper()], parts[1]
+        if len(token) < 8:
+            raise AuthConfigError(f"{path}:{number}: tokens must be at least 8 characters long")
+        if token in tokens and tokens[token] != role:
+            raise AuthConfigError(f"{path}:{number}: this token is listed with two roles")
+        tokens[token] = role
+    if not tokens:
+        raise AuthConfigError(
+            f"{path} lists no tokens: add lines such as 'editor <token>' and 'reader <token>'"
+        )
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen_address(host: str, tokens: dict[str, Role] | None) -> None:
+    """Refuse to serve an unauthenticated API beyond this machine."""
+    if not tokens and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host} without tokens: anyone who can reach it could rewrite "
+            "the memory. Pass --tokens FILE (lines 'editor <token>' / 'reader <token>'), or "
+            "listen on 127.0.0.1."
+        )
+
+
+def method_name(full_method: str) -> str:
+    """'/memslot.v1.MemoryService/Generate' -> 'Generate'."""
+    return full_method.rsplit("/", 1)[-1]
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Checks the bearer token of every MemoryService call against the configured roles."""
+
+    def __init__(self, tokens: dict[str, Role]) -> None:
+        self._tokens = list(tokens.items())
+
+    def role_of(self, metadata) -> Role | None:
+        header = next((value for key, value in metadata or () if key == "authorization"), None)
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            return None
+        presented = header[len("Bearer ") :].strip().encode()
+        role = None
+        for token, token_role in self._tokens:  # compare with every token: constant time
+            if hmac.compare_digest(presented, token.encode()):
+                role = token_role
+        return role
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_PREFIXES):
+            return continuation(handler_call_details)
+        role = self.role_of(handler_call_details.invocation_metadata)
+        if role is None:
+            return _refusal(
+                continuation(handler_call_details),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown token: send 'authorization: Bearer <token>' metadata with a "
+                "token from the server's tokens file",
+            )
+        if method_name(method) in WRITE_METHODS and role < Role.EDITOR:
+            return _refusal(
+                continuation(handler_call_details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method_name(method)} changes the memory and needs an editor token; this "
+                "token is a reader's",
+            )
+        return continuation(handler_call_details)
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same shape as ``handler`` that fails with ``code``."""
+    if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
+        return None
+
+    def refuse(_request, context):
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
