@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from memslot.memstore import Store
-from memslot.model.checkpoint import load_model
+from memslot.model.checkpoint import CONFIG, load_model
+from memslot.model.config import ModelConfig
 from memslot.model.generate import encode_prompt, pick_token
 from memslot.model.tokenizer import Tokenizer
 from memslot.model.transformer import MemoryTransformer
@@ -122,6 +123,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_table_shape(table_shape: tuple[int, ...], store: Store) -> None:
+    if tuple(table_shape) != store.shape:
+        raise ValueError(
+            f"the model's value table is {tuple(table_shape)} but the store {store.path} holds "
+            f"{store.shape}: the store was made for another model. Point --store at a new folder."
+        )
+
+
 class Engine:
     """The model and its live table at ``served_version``, driven by one worker thread."""
 
@@ -136,12 +145,7 @@ class Engine:
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        table_shape = tuple(model.memory_values.shape)
-        if table_shape != store.shape:
-            raise ValueError(
-                f"the model's value table is {table_shape} but the store holds {store.shape}: "
-                "this store was made for another model. Point --store at a new folder."
-            )
+        check_table_shape(tuple(model.memory_values.shape), store)
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
@@ -164,6 +168,8 @@ class Engine:
     ) -> Engine:
         """Load the model with the store's head as its live table."""
         dev = resolve_device(device)
+        cfg = ModelConfig.load(Path(model_dir) / CONFIG)
+        check_table_shape((cfg.memory.n_slots, cfg.value_dim), store)
         head = store.head
         table = store.load_table(head)
         model, tokenizer = load_model(model_dir, "cpu", values=table.to(torch.float32))

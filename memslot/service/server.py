@@ -607,6 +607,8 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
 
 
 def _fact_report(report) -> pb.FactReport:
+    written = report.slots_written  # the editor's ranked slots (or a count)
+    slots = [getattr(s, "slot", s) for s in written] if isinstance(written, list) else []
     return pb.FactReport(
         prompt=report.prompt,
         target=report.target,
@@ -616,8 +618,10 @@ def _fact_report(report) -> pb.FactReport:
         loss_before=report.loss_before,
         loss_after=report.loss_after,
         steps=report.steps,
-        slots_written=report.slots_written,
+        slots_written=len(slots) if isinstance(written, list) else int(written),
         message=report.message,
+        already_known=getattr(report, "already_known", False),
+        slots=slots,
     )
 
 
@@ -631,8 +635,8 @@ def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], ob
     def make_editor():
         from memslot.model.checkpoint import load_slot_usage
 
-        counts, _ = load_slot_usage(model_dir)
-        return Editor(engine.model, engine.tokenizer, counts, EditConfig())
+        counts, tokens = load_slot_usage(model_dir)
+        return Editor(engine.model, engine.tokenizer, counts, EditConfig(), usage_tokens=tokens)
 
     return make_editor
 

@@ -197,7 +197,7 @@ class FineTuneRequest(_message.Message):
     def __init__(self, passages: _Optional[_Iterable[str]] = ..., expected_parent: _Optional[int] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
 
 class FactReport(_message.Message):
-    __slots__ = ("prompt", "target", "success", "prob_before", "prob_after", "loss_before", "loss_after", "steps", "slots_written", "message")
+    __slots__ = ("prompt", "target", "success", "prob_before", "prob_after", "loss_before", "loss_after", "steps", "slots_written", "message", "already_known", "slots")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class FactReport(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     success: bool
@@ -218,7 +220,9 @@ class FactReport(_message.Message):
     steps: int
     slots_written: int
     message: str
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., success: _Optional[bool] = ..., prob_before: _Optional[float] = ..., prob_after: _Optional[float] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., steps: _Optional[int] = ..., slots_written: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    already_known: bool
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., success: _Optional[bool] = ..., prob_before: _Optional[float] = ..., prob_after: _Optional[float] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., steps: _Optional[int] = ..., slots_written: _Optional[int] = ..., message: _Optional[str] = ..., already_known: _Optional[bool] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("success", "committed", "version", "served_version", "reports", "slots_written", "seconds", "message")

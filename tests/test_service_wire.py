@@ -1,0 +1,133 @@
+"""The wire contract: generated modules, the Tensor message, tokens files, listen addresses."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from memslot.memstore import ConflictError, ValidationError, VersionNotFoundError
+from memslot.proto import build
+from memslot.proto.memslot.v1 import memslot_pb2 as pb
+from memslot.proto.memslot.v1 import memslot_pb2_grpc as pb_grpc
+from memslot.service.auth import AuthConfigError, Role, check_listen_address, load_tokens
+from memslot.service.client import TensorFormatError, tensor_from_proto, tensor_to_proto
+from memslot.service.server import RpcFailure, status_of
+
+
+def test_checked_in_generated_modules_are_not_stale(tmp_path):
+    """`make proto` output equals what is checked in; regenerate after editing the .proto."""
+    for fresh in build.generate(tmp_path):
+        checked_in = build.PROTO_ROOT / "memslot" / "v1" / fresh.name
+        assert fresh.read_bytes() == checked_in.read_bytes(), (
+            f"{checked_in} is stale: run `make proto` and commit the result"
+        )
+
+
+def test_generated_modules_import_as_memslot_proto_package():
+    service = pb.DESCRIPTOR.services_by_name["MemoryService"]
+    assert service.full_name == "memslot.v1.MemoryService"
+    assert {m.name for m in service.methods} == {
+        "Generate",
+        "GenerateStream",
+        "Lookup",
+        "ReadSlots",
+        "WriteSlots",
+        "InjectFacts",
+        "FineTune",
+        "Rollback",
+        "Tag",
+        "ListVersions",
+        "GetVersion",
+        "Diff",
+        "WatchVersions",
+        "Status",
+    }
+    assert service.methods_by_name["WatchVersions"].server_streaming
+    assert service.methods_by_name["GenerateStream"].server_streaming
+    assert hasattr(pb_grpc, "MemoryServiceStub")
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 5),
+        torch.randn(4, 2).to(torch.bfloat16),
+        torch.randn(7).to(torch.float16),
+        torch.arange(24, dtype=torch.int64).reshape(2, 3, 4),
+        torch.tensor([-1, 2**31 - 1], dtype=torch.int32),
+        torch.empty(0, 8),
+        torch.randn(6, 4).t(),  # not contiguous
+    ],
+)
+def test_tensor_round_trips_bit_for_bit(tensor):
+    message = tensor_to_proto(tensor)
+    assert message.dtype in {"float32", "bfloat16", "float16", "int64", "int32"}
+    back = tensor_from_proto(pb.Tensor.FromString(message.SerializeToString()))
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape
+    assert torch.equal(
+        back.view(-1).view(torch.uint8), tensor.contiguous().view(-1).view(torch.uint8)
+    )
+
+
+def test_tensor_data_is_raw_little_endian():
+    message = tensor_to_proto(torch.tensor([1.0, -2.0]))
+    assert message.data == b"\x00\x00\x80\x3f\x00\x00\x00\xc0"
+    assert list(message.shape) == [2]
+
+
+def test_malformed_tensor_messages_say_what_is_wrong():
+    with pytest.raises(TensorFormatError, match="needs 24 bytes"):
+        tensor_from_proto(pb.Tensor(dtype="float32", shape=[2, 3], data=b"\x00" * 20))
+    with pytest.raises(TensorFormatError, match="float64.*not supported"):
+        tensor_from_proto(pb.Tensor(dtype="float64", shape=[1], data=b"\x00" * 8))
+    with pytest.raises(TensorFormatError, match="negative"):
+        tensor_from_proto(pb.Tensor(dtype="float32", shape=[-1], data=b""))
+
+
+def test_tokens_file_maps_tokens_to_roles(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_text("# who may call\nreader rrrrrrrrrr\n\neditor eeeeeeeeee  # the admin\n")
+    assert load_tokens(path) == {"rrrrrrrrrr": Role.READER, "eeeeeeeeee": Role.EDITOR}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("admin abcdefghij\n", "role 'reader' or 'editor'"),
+        ("reader short\n", "at least 8"),
+        ("# nothing\n", "lists no tokens"),
+        ("reader abcdefghij\neditor abcdefghij\n", "two roles"),
+    ],
+)
+def test_bad_tokens_files_are_refused_with_the_line(tmp_path, text, message):
+    path = tmp_path / "tokens.txt"
+    path.write_text(text)
+    with pytest.raises(AuthConfigError, match=message):
+        load_tokens(path)
+
+
+def test_an_open_server_may_only_listen_on_loopback():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_listen_address(host, None)
+    with pytest.raises(AuthConfigError, match="without tokens.*--tokens"):
+        check_listen_address("0.0.0.0", None)
+    check_listen_address("0.0.0.0", {"abcdefghij": Role.EDITOR})
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ConflictError("stale", expected_parent=1, head=2), grpc.StatusCode.ABORTED),
+        (VersionNotFoundError("no such version"), grpc.StatusCode.NOT_FOUND),
+        (ValidationError("bad rows"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ValueError("prompt is empty"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_errors_map_to_status_codes(error, code):
+    assert status_of(error)[0] == code
