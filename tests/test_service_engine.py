@@ -91,6 +91,14 @@ def test_swap_spanning_several_commits_reads_their_union(engine):
     assert torch.equal(engine.model.memory_values.detach(), store.load_table(store.head))
 
 
+def test_a_writer_may_hand_over_the_rows_it_committed(engine):
+    store = engine.store
+    slots, rows = [40, 3, 17], torch.randn(3, store.shape[1])
+    record = store.commit(slots, rows, expected_parent=store.head)
+    engine.swap_to(record.version, (slots, rows)).result()
+    assert torch.equal(engine.model.memory_values.detach(), store.load_table(record.version))
+
+
 def test_swaps_only_move_forward(engine):
     with pytest.raises(ValueError, match="already queued or served"):
         engine.swap_to(0)

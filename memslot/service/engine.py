@@ -123,6 +123,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def apply_rows(table: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """The hot-swap itself: one indexed copy of ``rows`` (M, D) into ``table`` at ``slots`` (M,).
+
+    Synchronised on CUDA, so that the time it takes is the time it took.
+    """
+    table.index_copy_(0, slots, rows)
+    if table.device.type == "cuda":
+        torch.cuda.synchronize(table.device)
+
+
 def check_table_shape(table_shape: tuple[int, ...], store: Store) -> None:
     if tuple(table_shape) != store.shape:
         raise ValueError(
@@ -275,11 +285,18 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- swaps
 
-    def swap_to(self, version: int) -> Future:
+    def swap_to(
+        self, version: int, committed: tuple[list[int], torch.Tensor] | None = None
+    ) -> Future:
         """Queue the swap to ``version`` (newer than every version queued so far).
 
-        Reads the rows of the slots changed since the last queued version from the store, on
-        this thread; the future gives ``version`` once it is being served.
+        The rows of the slots changed since the last queued version are read from the store,
+        on this thread: ``store.read_rows(store.changed_slots(queued, version), version)``.
+        A writer that has just committed ``version`` may pass the ``(slots, rows)`` it
+        committed instead; they are the stored bytes (the store refuses rows of another dtype)
+        and are used only when ``version`` is the very next version, saving the read-back
+        (about 90% of a 1,000-row swap on CPU, see docs/BENCHMARKS.md).
+        The future gives ``version`` once it is being served.
         """
         with self._swap_prepare_lock:
             from_version = self._queued_version
@@ -288,8 +305,11 @@ class Engine:
                     f"cannot swap to version {version}: version {from_version} is already "
                     "queued or served (swaps only move forward)"
                 )
-            changed = self.store.changed_slots(from_version, version)
-            rows = self.store.read_rows(changed, version)
+            if committed is not None and version == from_version + 1:
+                changed, rows = committed
+            else:
+                changed = self.store.changed_slots(from_version, version)
+                rows = self.store.read_rows(changed, version)
             slots = torch.tensor(changed, dtype=torch.int64)
             dtype = self.model.memory_values.dtype
             swap = _Swap(
@@ -313,9 +333,7 @@ class Engine:
                 f"swap from version {swap.from_version} found version {self._served_version} served"
             )
         started = time.perf_counter()
-        self.model.memory_values.data.index_copy_(0, swap.slots, swap.rows)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        apply_rows(self.model.memory_values.data, swap.slots, swap.rows)
         seconds = time.perf_counter() - started
         self._served_version = swap.to_version
         self.stats.swaps.append(SwapRecord(swap.to_version, int(swap.slots.numel()), seconds))

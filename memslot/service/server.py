@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -318,12 +319,19 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
 
     # ---------------------------------------------------------------------------------- writes
 
-    def _commit_and_serve(self, commit: Callable[[], Version]) -> Version:
-        """Run ``commit`` (under the write lock), tell watchers, and wait until it is served."""
+    def _commit_and_serve(
+        self, commit: Callable[[], Version], rows: torch.Tensor | None = None
+    ) -> Version:
+        """Run ``commit`` (under the write lock), tell watchers, and wait until it is served.
+
+        ``rows`` are the rows ``commit`` writes, in its slot order, when the caller has them:
+        the swap then skips reading them back from the store.
+        """
         record = commit()
         with self._commits:
             self._commits.notify_all()
-        self.engine.swap_to(record.version).result()
+        committed = (list(record.slots), rows) if rows is not None else None
+        self.engine.swap_to(record.version, committed).result()
         return record
 
     def _commit_response(self, record: Version) -> pb.CommitResponse:
@@ -374,7 +382,8 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
                     message=request.message or f"write {len(slots)} slot(s) ({mode})",
                     kind="write",
                     meta={"mode": mode},
-                )
+                ),
+                rows,
             )
         return self._commit_response(record)
 
@@ -455,7 +464,8 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
                     message=request.message or default_message,
                     kind=kind,
                     meta=meta,
-                )
+                ),
+                rows,
             )
         return pb.EditResponse(
             success=True,
