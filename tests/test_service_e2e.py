@@ -344,6 +344,21 @@ def test_inject_fact_changes_the_answer(editor, tiny_model_dir):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_fine_tune_commits_a_finetune_version(editor, tiny_model_dir):
+    pytest.importorskip("memslot.edit")
+    example = next(iter(load_corpus(tiny_model_dir).examples(held_out=False)))
+    passage = f"{example.prompt} {example.answer}"
+    reply = editor.FineTune(pb.FineTuneRequest(passages=[passage], message="refresh"))
+    if reply.committed:
+        assert reply.version.kind == "finetune" and reply.version.message == "refresh"
+        assert json.loads(reply.version.meta_json)["passages"] == [passage]
+        assert reply.served_version == reply.version.version == head_of(editor)
+    else:  # the editor could not learn it: nothing was written, and the reply says why
+        assert not reply.success and "nothing was committed" in reply.message
+    code, _ = code_of(editor.FineTune, pb.FineTuneRequest(passages=[""]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 # ----------------------------------------------------------------------------------------- auth
 
 

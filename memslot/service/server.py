@@ -65,7 +65,7 @@ class Limits:
     max_new_tokens: int = 256  # also capped by the model's max_seq_len
     max_slots: int = 100_000  # slots per ReadSlots / WriteSlots request
     max_facts: int = 256  # facts per InjectFacts, passages per FineTune
-    max_watchers: int = 64
+    max_watchers: int = 16  # each open watch holds one of the server's worker threads
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
