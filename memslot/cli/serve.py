@@ -42,6 +42,13 @@ from memslot.service.auth import AuthConfigError, check_listen_address, load_tok
 )
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Queries per batch.")
 @click.option(
+    "--max-message-mb",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Largest request or reply, in MiB (bigger ones get RESOURCE_EXHAUSTED).",
+)
+@click.option(
     "--grace",
     default=10.0,
     show_default=True,
@@ -58,6 +65,7 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     max_batch: int,
+    max_message_mb: int,
     grace: float,
 ) -> None:
     """Serve a model over gRPC; edits are committed to the store and hot-swapped in.
@@ -89,6 +97,7 @@ def serve(
     from memslot.memstore import StoreError
     from memslot.service.server import (
         Engine,
+        Limits,
         MemoryService,
         TlsFiles,
         build_server,
@@ -107,7 +116,11 @@ def serve(
         except ValueError as err:
             raise click.ClickException(str(err)) from err
         service = MemoryService(
-            engine, store, model_dir=model_dir, editor_factory=editor_factory_for(engine, model_dir)
+            engine,
+            store,
+            model_dir=model_dir,
+            limits=Limits(max_message_bytes=max_message_mb << 20),
+            editor_factory=editor_factory_for(engine, model_dir),
         )
         tls = TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
         try:
