@@ -321,7 +321,10 @@ class Engine:
             )
             with self._wake:
                 if self._closing:
-                    raise EngineClosedError("the server is shutting down: the swap was not queued")
+                    raise EngineClosedError(
+                        f"the server is shutting down: version {version} is committed and will "
+                        "be served when the server starts again"
+                    )
                 self._swaps.append(swap)
                 self._queued_version = version
                 self._wake.notify()

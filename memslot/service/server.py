@@ -432,8 +432,8 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
 
     def _edit(self, request, kind: str, run_editor: Callable, meta: dict, default_message: str):
         """Run the editor at the head, under the write lock, and commit its rows if it worked."""
-        editor = self.editor()
         with self._write_lock:
+            editor = self.editor()  # created once, under the lock
             parent = self._expected_parent(request, self.store.head)
             self._check_parent(parent)  # before the edit, which may take seconds
             # The live table is the head here: every swap is queued under this lock and waited.
