@@ -33,8 +33,8 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed $(MODEL_DIR)/config.json
-	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/service.py
 
 proto: $(BIN)/.installed
 	$(BIN)/python -m memslot.proto.build

@@ -80,3 +80,7 @@ def main() -> None:  # pragma: no cover - console-script entry
 from memslot.cli.serve import serve  # noqa: E402
 
 cli.add_command(serve)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m memslot.cli.main`
+    main()

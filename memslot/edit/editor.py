@@ -1,0 +1,284 @@
+"""Sparse memory fine-tuning: teach the model a fact by changing only a few value-table rows.
+
+For each fact (prompt -> target) the editor
+  1. runs prompt + target through the frozen model and collects the slots every memory layer
+     reads at the positions that predict the target tokens;
+  2. ranks them by TF-IDF against the background slot usage (``ranking.py``) and keeps the top
+     ``rows_per_fact``;
+  3. optimises only those rows (Adam, every other weight frozen) until greedy decoding produces
+     the target with a logit margin over the runner-up at every target token, or the step
+     budget runs out.
+The editor never modifies the live table: it returns (slots, rows) for the caller to commit as
+one version. A batch succeeds only if every fact in it does; otherwise nothing is to be written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memslot.edit.ranking import RankedSlot, idf_weights, rank_slots
+from memslot.edit.write import EditError
+from memslot.model.tokenizer import Tokenizer
+from memslot.model.transformer import MemoryTransformer
+
+
+@dataclass
+class EditConfig:
+    rows_per_fact: int = 32  # rows optimised per fact (per passage token for passages)
+    ranking: str = "tfidf"  # "tfidf" (sparse memory fine-tuning) or "all": every slot read
+    steps: int = 60  # optimisation budget per edit
+    lr: float = 0.1  # Adam step, relative to the table's RMS value
+    margin: float = 2.0  # required logit lead of each target token over the runner-up
+    locality_weight: float = 0.0  # L2 pull of edited rows towards their old values
+    max_text_chars: int = 2000  # longer prompts, targets or passages are refused
+
+    def validate(self) -> None:
+        if self.rows_per_fact < 1:
+            raise EditError(f"rows_per_fact must be >= 1, got {self.rows_per_fact}")
+        if self.ranking not in ("tfidf", "all"):
+            raise EditError(f"ranking must be 'tfidf' or 'all', got {self.ranking!r}")
+        if self.steps < 1:
+            raise EditError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise EditError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FactReport:
+    prompt: str
+    target: str
+    success: bool
+    already_known: bool = False
+    prob_before: float = 0.0  # probability of the whole target (and end token) under the model
+    prob_after: float = 0.0
+    loss_before: float = 0.0  # mean cross-entropy per target token
+    loss_after: float = 0.0
+    steps: int = 0
+    slots_written: list[RankedSlot] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class EditResult:
+    success: bool  # every fact reached its target; only then should the rows be committed
+    slots: torch.Tensor  # (M,) int64, sorted
+    rows: torch.Tensor  # (M, D) the new rows for those slots
+    reports: list[FactReport]
+    steps: int
+    seconds: float
+
+
+@dataclass
+class _Item:
+    """One sequence to learn: token ids and the positions whose next token is a target."""
+
+    prompt: str
+    target: str
+    ids: list[int]
+    positions: list[int]  # position p predicts ids[p + 1]
+    row_budget: int  # how many ranked slots to optimise for this sequence
+
+
+class Editor:
+    def __init__(
+        self,
+        model: MemoryTransformer,
+        tokenizer: Tokenizer,
+        usage: torch.Tensor | None = None,
+        config: EditConfig | None = None,
+        usage_tokens: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EditConfig()
+        self.config.validate()
+        self.idf = None
+        if usage is not None:
+            mem = model.cfg.memory
+            tokens = usage_tokens or int(usage.sum()) // (len(mem.layers) * mem.heads * mem.topk)
+            self.idf = idf_weights(usage, tokens).to(model.memory_values.device)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def edit_facts(
+        self, facts: list[tuple[str, str]], force: bool = False, table: torch.Tensor | None = None
+    ) -> EditResult:
+        """Teach (prompt, target) facts. ``force`` edits facts the model already answers."""
+        if not facts:
+            raise EditError("no facts given: pass at least one (prompt, target) pair")
+        items = []
+        for i, (prompt, target) in enumerate(facts):
+            where = f"fact {i + 1}" if len(facts) > 1 else "the fact"
+            prompt, target = (prompt or "").strip(), (target or "").strip()
+            if not prompt:
+                raise EditError(f"{where} has an empty prompt: give the text that asks the fact")
+            if not target:
+                raise EditError(f"{where} has an empty target: give the answer to teach")
+            self._check_length(prompt, f"{where}'s prompt")
+            self._check_length(target, f"{where}'s target")
+            head = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+            tail = self.tokenizer.encode(" " + target) + [self.tokenizer.eos_id]
+            ids = head + tail
+            self._check_tokens(ids, where)
+            positions = list(range(len(head) - 1, len(ids) - 1))
+            items.append(_Item(prompt, target, ids, positions, self.config.rows_per_fact))
+        return self._edit(items, force, table)
+
+    def edit_passages(self, passages: list[str], table: torch.Tensor | None = None) -> EditResult:
+        """Teach free text: every token after the first is a target."""
+        if not passages:
+            raise EditError("no passages given: pass at least one text")
+        items = []
+        for i, text in enumerate(passages):
+            where = f"passage {i + 1}"
+            text = (text or "").strip()
+            if not text:
+                raise EditError(f"{where} is empty: give the text to learn")
+            self._check_length(text, where)
+            ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+            self._check_tokens(ids, where)
+            if len(ids) < 3:
+                raise EditError(f"{where} is a single token; give at least two")
+            positions = list(range(1, len(ids) - 1))
+            budget = self.config.rows_per_fact * len(positions)
+            items.append(_Item(text, text, ids, positions, budget))
+        return self._edit(items, force=True, table=table)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _check_length(self, text: str, what: str) -> None:
+        if len(text) > self.config.max_text_chars:
+            raise EditError(
+                f"{what} is {len(text)} characters; the limit is {self.config.max_text_chars}"
+            )
+
+    def _check_tokens(self, ids: list[int], where: str) -> None:
+        limit = self.model.cfg.max_seq_len
+        if len(ids) > limit:
+            raise EditError(
+                f"{where} is {len(ids)} tokens with its target; this model reads at most {limit}: "
+                "shorten it"
+            )
+
+    def _batch(self, items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs (B, T), labels (B, T) with -100 off-target, target mask (B, T))."""
+        device = self.model.memory_values.device
+        length = max(len(it.ids) for it in items)
+        inputs = torch.full((len(items), length), self.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            inputs[row, : len(it.ids)] = torch.tensor(it.ids)
+            for p in it.positions:
+                labels[row, p] = it.ids[p + 1]
+        return inputs.to(device), labels.to(device), (labels != -100).to(device)
+
+    @staticmethod
+    def _scores(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+        """Per row: mean CE, total log-prob, min margin (target logit - best other logit)."""
+        logits = logits.float()
+        safe = labels.clamp_min(0)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        logp = logp * mask
+        n = mask.sum(1).clamp_min(1)
+        ce = -logp.sum(1) / n
+        target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        others = logits.scatter(-1, safe.unsqueeze(-1), float("-inf")).amax(-1)
+        margin = torch.where(mask, target_logit - others, torch.full_like(target_logit, math.inf))
+        return ce, logp.sum(1), margin.amin(1)
+
+    def _edit(self, items: list[_Item], force: bool, table: torch.Tensor | None) -> EditResult:
+        started = time.perf_counter()
+        cfg = self.config
+        model = self.model
+        table = (model.memory_values if table is None else table).detach()
+        inputs, labels, mask = self._batch(items)
+        with torch.no_grad():
+            out = model(inputs, values=table)
+            ce0, logp0, margin0 = self._scores(out.logits, labels, mask)
+        reports = [
+            FactReport(
+                it.prompt,
+                it.target,
+                success=False,
+                prob_before=math.exp(float(logp0[i])),
+                loss_before=float(ce0[i]),
+            )
+            for i, it in enumerate(items)
+        ]
+        todo = []
+        for i, report in enumerate(reports):
+            if float(margin0[i]) > 0 and not force:
+                report.already_known = report.success = True
+                report.prob_after, report.loss_after = report.prob_before, report.loss_before
+                report.message = (
+                    "the model already gives this answer; nothing written (force to edit)"
+                )
+            else:
+                todo.append(i)
+        empty = torch.zeros(0, dtype=torch.long)
+        if not todo:
+            rows = table.new_zeros(0, table.shape[1])
+            return EditResult(True, empty, rows, reports, 0, time.perf_counter() - started)
+
+        # pick the rows to optimise: the top-ranked slots each fact reads at its targets
+        idf = self.idf if cfg.ranking == "tfidf" else None
+        chosen: set[int] = set()
+        for i in todo:
+            limit = None if cfg.ranking == "all" else items[i].row_budget
+            ranked = rank_slots(out.lookups, i, items[i].positions, idf, limit)
+            reports[i].slots_written = ranked
+            chosen.update(r.slot for r in ranked)
+        slots = torch.tensor(sorted(chosen), dtype=torch.long, device=table.device)
+
+        rows0 = table[slots].clone()
+        rows = rows0.clone().requires_grad_(True)
+        scale = float(table.float().pow(2).mean().sqrt()) or 1.0
+        optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
+        sub = torch.tensor(todo, device=inputs.device)
+        sub_inputs, sub_labels, sub_mask = inputs[sub], labels[sub], mask[sub]
+        steps = 0
+        with torch.enable_grad():
+            for steps in range(1, cfg.steps + 1):
+                patched = table.index_put((slots,), rows)
+                logits = model(sub_inputs, values=patched).logits
+                ce, _, margin = self._scores(logits, sub_labels, sub_mask)
+                if bool((margin >= cfg.margin).all()):
+                    steps -= 1
+                    break
+                loss = ce.sum()
+                if cfg.locality_weight:
+                    loss = loss + cfg.locality_weight * (rows - rows0).pow(2).sum() / scale**2
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        new_rows = rows.detach()
+
+        with torch.no_grad():
+            patched = table.index_put((slots,), new_rows)
+            ce1, logp1, margin1 = self._scores(
+                model(sub_inputs, values=patched).logits, sub_labels, sub_mask
+            )
+        for j, i in enumerate(todo):
+            r = reports[i]
+            r.steps = steps
+            r.prob_after, r.loss_after = math.exp(float(logp1[j])), float(ce1[j])
+            r.success = float(margin1[j]) > 0
+            r.message = (
+                "learned"
+                if r.success
+                else f"not learned within {cfg.steps} steps (raise steps, lr or rows_per_fact)"
+            )
+        success = all(r.success for r in reports)
+        return EditResult(
+            success,
+            slots.cpu(),
+            new_rows.to(table.dtype),
+            reports,
+            steps,
+            time.perf_counter() - started,
+        )

@@ -1,0 +1,177 @@
+"""Slot editing: writes, sparse memory fine-tuning of facts and passages."""
+
+import pytest
+import torch
+
+from memslot.demo.corpus import Fact, prompts_for
+from memslot.demo.recipe import load_corpus
+from memslot.edit import EditConfig, EditError, Editor, WriteMode, rank_slots, write_rows
+from memslot.model.checkpoint import load_model, load_slot_usage
+from memslot.model.generate import generate
+from memslot.model.memory import Lookup
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    return model, tok, Editor(model, tok, usage, usage_tokens=tokens), load_corpus(tiny_model_dir)
+
+
+def counterfactual(corpus, index: int) -> tuple[str, str]:
+    fact = corpus.facts[index]
+    other = next(
+        f.answer for f in corpus.facts if f.relation == fact.relation and f.answer != fact.answer
+    )
+    return prompts_for(Fact(fact.subject, fact.relation, other))[0], other
+
+
+def apply(model, result) -> None:
+    model.memory_values.data[result.slots] = result.rows
+
+
+def test_after_an_edit_the_model_answers_the_new_target(tiny):
+    model, tok, editor, corpus = tiny
+    prompt, target = counterfactual(corpus, 0)
+    assert generate(model, tok, prompt).text != target
+    result = editor.edit_facts([(prompt, target)])
+    assert result.success, result.reports
+    report = result.reports[0]
+    assert report.prob_after > report.prob_before and report.loss_after < report.loss_before
+    assert report.slots_written and all(
+        s.layer in model.cfg.memory.layers for s in report.slots_written
+    )
+    apply(model, result)
+    assert generate(model, tok, prompt).text == target
+
+
+def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):
+    model, tok, editor, corpus = tiny
+    before = model.memory_values.detach().clone()
+    prompt, target = counterfactual(corpus, 4)
+    result = editor.edit_facts([(prompt, target)])
+    assert torch.equal(model.memory_values, before)  # the editor proposes, the caller commits
+    reported = sorted({s.slot for r in result.reports for s in r.slots_written})
+    assert result.slots.tolist() == reported
+    apply(model, result)
+    changed = (model.memory_values != before).any(1).nonzero().flatten().tolist()
+    assert set(changed) <= set(reported) and changed
+
+
+def test_a_batch_of_facts_is_edited_together(tiny):
+    model, tok, editor, corpus = tiny
+    facts = [counterfactual(corpus, i) for i in (1, 6, 9)]
+    result = editor.edit_facts(facts)
+    assert result.success and len(result.reports) == 3
+    apply(model, result)
+    for prompt, target in facts:
+        assert generate(model, tok, prompt).text == target
+
+
+def test_a_failed_edit_reports_failure_and_proposes_nothing_to_write(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    before = model.memory_values.detach().clone()
+    editor = Editor(model, tok, config=EditConfig(steps=1, lr=1e-6, rows_per_fact=1))
+    result = editor.edit_facts([counterfactual(corpus, 2)])
+    assert not result.success
+    assert "not learned" in result.reports[0].message
+    assert torch.equal(model.memory_values, before)
+
+
+def test_a_target_the_model_already_gives_is_reported_and_not_written(tiny):
+    model, tok, editor, corpus = tiny
+    known = next(
+        e
+        for e in corpus.examples(held_out=False)
+        if generate(model, tok, e.prompt).text == e.answer
+    )
+    result = editor.edit_facts([(known.prompt, known.answer)])
+    assert result.success and result.reports[0].already_known
+    assert result.slots.numel() == 0 and result.rows.shape[0] == 0
+    forced = editor.edit_facts([(known.prompt, known.answer)], force=True)
+    assert forced.slots.numel() > 0
+
+
+def test_a_passage_is_learned_token_by_token(tiny):
+    model, tok, editor, corpus = tiny
+    person = corpus.people[0]
+    known = next(
+        f.answer for f in corpus.facts if f.subject == person and f.relation == "profession"
+    )
+    other = next(f.answer for f in corpus.facts if f.relation == "profession" and f.answer != known)
+    text = f"{person} works as a {other}"
+    result = editor.edit_passages([text])
+    assert result.success, result.reports
+    apply(model, result)
+    ids = [tok.bos_id] + tok.encode(text)
+    predicted = model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+    assert predicted[1:-1] == ids[2:]
+
+
+def test_weights_other_than_the_value_table_are_bit_identical_after_100_edits(tiny):
+    model, tok, editor, corpus = tiny
+    frozen = {k: v.clone() for k, v in model.frozen_state_dict().items()}
+    editor.config.steps = 5  # the check is about what is touched, not about success
+    for i in range(100):
+        result = editor.edit_facts([counterfactual(corpus, i % len(corpus.facts))], force=True)
+        apply(model, result)
+    for name, value in model.frozen_state_dict().items():
+        assert torch.equal(value, frozen[name]), name
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "facts,match",
+    [
+        ([], "no facts given"),
+        ([("", "Lisbon")], "empty prompt"),
+        ([("Where was Ada born?", "  ")], "empty target"),
+        ([("word " * 600, "Lisbon")], "characters; the limit"),
+        ([("Where was " + "Ada " * 80 + "born?", "Lisbon")], "shorten it"),
+    ],
+)
+def test_bad_facts_are_rejected_with_clear_errors(tiny, facts, match):
+    model, _, editor, _ = tiny
+    before = model.memory_values.detach().clone()
+    with pytest.raises(EditError, match=match):
+        editor.edit_facts(facts)
+    assert torch.equal(model.memory_values, before)
+
+
+def test_set_and_add_semantics():
+    table = torch.arange(12, dtype=torch.float32).view(4, 3)
+    slots, rows = write_rows(table, [2, 0], torch.ones(2, 3), WriteMode.SET)
+    assert slots.tolist() == [2, 0] and torch.equal(rows, torch.ones(2, 3))
+    slots, rows = write_rows(table, [2, 0], torch.ones(2, 3), "add")
+    assert torch.equal(rows, table[[2, 0]] + 1)
+    assert torch.equal(table, torch.arange(12, dtype=torch.float32).view(4, 3))  # untouched
+
+
+@pytest.mark.parametrize(
+    "slots,vectors,match",
+    [
+        ([], torch.ones(0, 3), "no slots given"),
+        ([4], torch.ones(1, 3), "slot 4 is out of range"),
+        ([-1], torch.ones(1, 3), "out of range"),
+        ([1, 1], torch.ones(2, 3), "slot 1 appears more than once"),
+        ([1], torch.ones(1, 2), r"need shape \(1, 3\)"),
+        ([1], torch.tensor([[1.0, float("nan"), 0.0]]), "NaN or Inf"),
+        ([1], torch.ones(1, 3, dtype=torch.long), "floating point"),
+    ],
+)
+def test_write_validation(slots, vectors, match):
+    with pytest.raises(EditError, match=match):
+        write_rows(torch.zeros(4, 3), slots, vectors)
+
+
+def test_tfidf_prefers_rarely_used_slots_over_background_ones():
+    slots = torch.tensor([[[[10, 20]]]])  # (B=1, T=1, H=1, k=2)
+    weights = torch.tensor([[[[0.5, 0.5]]]])
+    lookups = [Lookup(1, slots, weights)]
+    idf = torch.zeros(32)
+    idf[10], idf[20] = 0.1, 3.0  # slot 10 is read by everything in the background corpus
+    ranked = rank_slots(lookups, 0, [0], idf, limit=1)
+    assert [r.slot for r in ranked] == [20]
+    by_tf = rank_slots(lookups, 0, [0], None, limit=None)
+    assert {r.slot for r in by_tf} == {10, 20}
