@@ -45,3 +45,15 @@ def embedding_bag(
     if _cpu_fp32(values) and "embedding_bag" not in _BACKENDS.get("cpu", {}):
         return reference.embedding_bag_native(values, indices, weights, sparse_grad)
     return _pick("embedding_bag", values)(values, indices, weights, sparse_grad)
+
+
+def _register_optional_backends() -> None:
+    # Triton on CUDA when both are present; a failure here must never break CPU users.
+    try:
+        from memslot.kernels import cuda
+    except ImportError:  # pragma: no cover - the module itself has no optional imports
+        return
+    cuda.register()
+
+
+_register_optional_backends()

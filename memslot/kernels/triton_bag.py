@@ -1,0 +1,260 @@
+"""Weighted embedding bag in Triton: forward, and a deterministic sparse or dense backward.
+
+Forward: one program per (token, block of the value dim) walks the token's bag (all heads'
+rows) in tiles of BLOCK_B rows, so each program has BLOCK_B independent row loads in flight, and
+accumulates in fp32. Any table dtype (fp32, fp16, bf16) and any value dim (masked tails).
+
+Backward:
+* weights: grad_w[n, b] = <values[indices[n, b]], grad_out[n]>, one program per (token, tile
+  of bag positions), looping over the value dim;
+* value rows: the (slot, bag position) pairs are sorted once (stable, so equal slots stay in bag
+  order) and each unique slot's rows are summed by one program in that fixed order: no atomics,
+  so the result is the same bits on every run. Rows are written either compactly (sparse: the
+  unique slots and their rows) or straight into a zeroed dense table gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bag_forward_kernel(
+    values_ptr,
+    indices_ptr,
+    weights_ptr,
+    out_ptr,
+    B,
+    D,
+    stride_v,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_mask = b < B
+        idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
+        rows = tl.load(
+            values_ptr + idx[:, None] * stride_v + d[None, :],
+            mask=b_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+        acc += tl.sum(rows * w[:, None], axis=0)
+    tl.store(out_ptr + n * D + d, acc, mask=d_mask)
+
+
+@triton.jit
+def _bag_grad_weights_kernel(
+    values_ptr,
+    indices_ptr,
+    grad_out_ptr,
+    grad_w_ptr,
+    B,
+    D,
+    stride_v,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b < B
+    idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_B,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        g = tl.load(grad_out_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        rows = tl.load(
+            values_ptr + idx[:, None] * stride_v + d[None, :],
+            mask=b_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(rows * g[None, :], axis=1)
+    tl.store(grad_w_ptr + n * B + b, acc, mask=b_mask)
+
+
+@triton.jit
+def _bag_grad_rows_kernel(
+    grad_out_ptr,
+    weights_ptr,
+    order_ptr,
+    offsets_ptr,
+    slots_ptr,
+    out_ptr,
+    B,
+    D,
+    stride_out,
+    BLOCK_D: tl.constexpr,
+    DENSE: tl.constexpr,
+):
+    """Row u of the output = sum over its sorted pairs p of weights[p] * grad_out[p // B]."""
+    u = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    start = tl.load(offsets_ptr + u)
+    end = tl.load(offsets_ptr + u + 1)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for p in range(start, end):
+        pair = tl.load(order_ptr + p).to(tl.int64)
+        w = tl.load(weights_ptr + pair).to(tl.float32)
+        g = tl.load(grad_out_ptr + (pair // B) * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        acc += w * g
+    if DENSE:
+        row = tl.load(slots_ptr + u).to(tl.int64)
+    else:
+        row = u.to(tl.int64)
+    tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
+    """(BLOCK_D, rows per tile) so that one tile holds about ``elem_budget`` elements."""
+    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
+    return block_d, max(1, elem_budget // block_d)
+
+
+def embedding_bag_forward(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32; (N, D)."""
+    N, B = indices.shape
+    D = values.shape[1]
+    out = torch.empty(N, D, dtype=torch.float32, device=values.device)
+    if N == 0 or D == 0:
+        return out
+    if B == 0:
+        return out.zero_()
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    indices, weights = indices.contiguous(), weights.contiguous()
+    block_d, block_b = _tiles(D, 8192)
+    block_b = min(block_b, triton.next_power_of_2(B))
+    grid = (N, triton.cdiv(D, block_d))
+    _bag_forward_kernel[grid](
+        values, indices, weights, out, B, D, values.stride(0),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def embedding_bag_grad_weights(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """grad_w[n, b] = <values[indices[n, b]], grad_out[n]>, (N, B) fp32."""
+    N, B = indices.shape
+    D = values.shape[1]
+    grad_w = torch.empty(N, B, dtype=torch.float32, device=values.device)
+    if grad_w.numel() == 0:
+        return grad_w
+    if D == 0:
+        return grad_w.zero_()
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    block_d = min(triton.next_power_of_2(D), 256)
+    block_b = min(triton.next_power_of_2(B), 16)
+    grid = (N, triton.cdiv(B, block_b))
+    _bag_grad_weights_kernel[grid](
+        values, indices.contiguous(), grad_out.contiguous(), grad_w, B, D, values.stride(0),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return grad_w
+
+
+def _sorted_segments(
+    indices: torch.Tensor, n_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unique slots sorted, pair order grouped by slot then bag position, segment offsets)."""
+    flat = indices.reshape(-1)
+    if n_slots < 2**31:
+        flat = flat.to(torch.int32)  # half the bytes to sort
+    sorted_slots, order = torch.sort(flat, stable=True)
+    slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+    offsets = torch.zeros(slots.numel() + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return slots.to(torch.int64), order, offsets
+
+
+def embedding_bag_grad_rows(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    dense: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value-table gradient: (slots (U,) sorted unique int64, rows (U, D)) or, with ``dense``,
+    (slots, the whole (S, D) gradient with zeros on unread rows). Rows are in ``dtype``."""
+    S, D = values.shape
+    N, B = indices.shape
+    device = values.device
+    if indices.numel() == 0:
+        slots = torch.zeros(0, dtype=torch.int64, device=device)
+        shape = (S, D) if dense else (0, D)
+        return slots, torch.zeros(shape, dtype=dtype, device=device)
+    slots, order, offsets = _sorted_segments(indices, S)
+    U = slots.numel()
+    out = (
+        torch.zeros(S, D, dtype=dtype, device=device)
+        if dense
+        else torch.empty(U, D, dtype=dtype, device=device)
+    )
+    if D == 0:
+        return slots, out
+    block_d = min(triton.next_power_of_2(D), 1024)
+    grid = (U, triton.cdiv(D, block_d))
+    _bag_grad_rows_kernel[grid](
+        grad_out.contiguous(), weights.contiguous(), order, offsets, slots, out, B, D,
+        out.stride(0), BLOCK_D=block_d, DENSE=dense, num_warps=4,
+    )  # fmt: skip
+    return slots, out
+
+
+def embedding_bag_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_weights (N, B) fp32, slots (U,), grad_rows (U, D) fp32): the reference's contract."""
+    grad_w = embedding_bag_grad_weights(grad_out, values, indices)
+    slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights)
+    return grad_w, slots, rows
+
+
+class EmbeddingBag(torch.autograd.Function):
+    """Weighted embedding bag on the Triton kernels; value gradient sparse or dense."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, sparse_grad: bool):  # noqa: D102
+        ctx.save_for_backward(values, indices, weights)
+        ctx.sparse_grad = sparse_grad
+        return embedding_bag_forward(values, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        values, indices, weights = ctx.saved_tensors
+        grad_values = grad_w = None
+        if ctx.needs_input_grad[0]:
+            slots, rows = embedding_bag_grad_rows(
+                grad_out, values, indices, weights, values.dtype, dense=not ctx.sparse_grad
+            )
+            if ctx.sparse_grad:
+                grad_values = torch.sparse_coo_tensor(
+                    slots.unsqueeze(0), rows, values.shape, is_coalesced=True,
+                    check_invariants=False,
+                )  # fmt: skip
+            else:
+                grad_values = rows
+        if ctx.needs_input_grad[2]:
+            grad_w = embedding_bag_grad_weights(grad_out, values, indices).to(weights.dtype)
+        return grad_values, None, grad_w, None
+
+
+def embedding_bag(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+) -> torch.Tensor:
+    """Differentiable weighted embedding bag, (N, D) fp32; see ``reference.embedding_bag``."""
+    return EmbeddingBag.apply(values, indices, weights, sparse_grad)

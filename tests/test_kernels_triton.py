@@ -1,0 +1,269 @@
+"""The Triton kernels against the reference: on a GPU when there is one, otherwise on the CPU
+under Triton's interpreter (TRITON_INTERPRET=1, tiny shapes). Skipped when Triton is missing."""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must be set before the kernels are decorated, i.e. before triton_topk/triton_bag import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
+
+from memslot import kernels  # noqa: E402
+from memslot.kernels import reference, triton_bag, triton_topk  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+# the interpreter runs every program in Python: keep CPU shapes tiny, use real sizes on a GPU
+BIG = 1 if not CUDA else 16
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_keys(n, heads, n_keys, half, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randn(n, heads, half, generator=g),
+        torch.randn(n, heads, half, generator=g),
+        torch.randn(heads, n_keys, half, generator=g),
+        torch.randn(heads, n_keys, half, generator=g),
+    ]
+    return [t.to(DEVICE, dtype) for t in tensors]
+
+
+TOPK_SHAPES = [  # n, heads, n_keys, half, topk
+    (20 * BIG, 2, 32, 8, 4),
+    (7, 1, 5, 3, 1),  # k = 1, n_keys and half not powers of two
+    (30 * BIG, 3, 40, 16, 9),
+    (5, 2, 64, 8, 32),
+    (3, 1, 300, 24, 5),  # several sub-key chunks
+]
+
+
+@pytest.mark.parametrize("n,heads,n_keys,half,topk", TOPK_SHAPES)
+def test_fused_topk_equals_brute_force_in_fp32(n, heads, n_keys, half, topk):
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=n + n_keys)
+    scores, slots = triton_topk.product_key_topk(q1, q2, k1, k2, topk)
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    assert slots.dtype == torch.int64 and scores.shape == (n, heads, topk)
+    torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
+
+
+def test_fused_topk_in_bf16_picks_slots_as_good_as_fp64():
+    q1, q2, k1, k2 = random_keys(40 * BIG, 2, 64, 16, seed=7, dtype=torch.bfloat16)
+    topk = 8
+    scores, slots = triton_topk.product_key_topk(q1, q2, k1, k2, topk)
+    assert scores.dtype == torch.bfloat16
+    up = [t.double() for t in (q1, q2, k1, k2)]
+    want, _ = reference.brute_force_topk(*up, topk)
+    assert rel_err(scores, want) < 1e-2
+    # the fp64 score of every returned slot (bf16 inputs, exact arithmetic) is a top-k score
+    n_keys = k1.shape[1]
+    s1 = torch.einsum("nhd,hkd->nhk", up[0], up[2]).gather(-1, slots // n_keys)
+    s2 = torch.einsum("nhd,hkd->nhk", up[1], up[3]).gather(-1, slots % n_keys)
+    assert rel_err((s1 + s2).sort(-1, descending=True).values, want) < 1e-2
+
+
+def test_fused_topk_gradients_match_the_reference():
+    q1, q2, k1, k2 = random_keys(12 * BIG, 2, 24, 8, seed=3)
+    grad = torch.randn(12 * BIG, 2, 5, device=DEVICE)
+    grads = []
+    for fn in (reference.product_key_topk, triton_topk.product_key_topk):
+        leaves = [t.clone().requires_grad_() for t in (q1, q2, k1, k2)]
+        scores, _ = fn(*leaves, 5)
+        scores.backward(grad)
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_topk_on_an_empty_batch():
+    q1, q2, k1, k2 = random_keys(0, 2, 16, 4, seed=0)
+    scores, slots = triton_topk.product_key_topk(q1, q2, k1, k2, 3)
+    assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
+
+
+def bag_inputs(n, bag, n_slots, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n_slots, dim, generator=g).to(DEVICE, dtype)
+    indices = torch.randint(0, n_slots, (n, bag), generator=g)
+    if n and bag >= 3:
+        indices[0, :3] = 7 % n_slots  # repeated slots inside one bag must accumulate
+    weights = torch.rand(n, bag, generator=g).to(DEVICE)
+    grad_out = torch.randn(n, dim, generator=g).to(DEVICE)
+    return values, indices.to(DEVICE), weights, grad_out
+
+
+BAG_CASES = [  # n, bag, n_slots, dim
+    (6, 5, 40, 1),
+    (9 * BIG, 8, 64, 65),
+    (3, 4, 16, 4096),
+    (5 * BIG, 1, 12, 33),
+]
+# METHOD.md: fp32 arithmetic far under 1e-3; one rounding to bf16 between 1e-3 and 1e-2
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
+def test_embedding_bag_forward_matches_the_reference(n, bag, n_slots, dim, dtype):
+    values, indices, weights, _ = bag_inputs(n, bag, n_slots, dim, dtype, seed=dim)
+    out = triton_bag.embedding_bag_forward(values, indices, weights)
+    want = reference.embedding_bag_forward(values.double(), indices, weights.double())
+    assert out.dtype == torch.float32 and out.shape == (n, dim)
+    # table rows are exact in every dtype; only the fp32 accumulation rounds
+    assert rel_err(out, want) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
+def test_embedding_bag_backward_matches_the_reference(n, bag, n_slots, dim, dtype):
+    values, indices, weights, grad_out = bag_inputs(n, bag, n_slots, dim, dtype, seed=dim + 1)
+    grad_w, slots, rows = triton_bag.embedding_bag_backward(grad_out, values, indices, weights)
+    want_w, want_slots, want_rows = reference.embedding_bag_backward(
+        grad_out.double(), values.double(), indices, weights.double()
+    )
+    assert torch.equal(slots, want_slots)
+    assert rel_err(grad_w, want_w) < TOLERANCE[torch.float32]
+    assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
+    # rows emitted in the table's dtype are the fp32 rows rounded once
+    _, rows_low = triton_bag.embedding_bag_grad_rows(grad_out, values, indices, weights, dtype)
+    assert rows_low.dtype == dtype and rel_err(rows_low, want_rows) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_gives_the_reference_gradients_sparse_and_dense(sparse, dtype):
+    values, indices, weights, grad_out = bag_inputs(10 * BIG, 6, 50, 24, dtype, seed=11)
+    grads = []
+    for fn in (reference.embedding_bag, triton_bag.embedding_bag):
+        v, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+        fn(v, indices, w, sparse).backward(grad_out)
+        assert v.grad.is_sparse == sparse and v.grad.dtype == dtype
+        grads.append((v.grad.to_dense(), w.grad))
+    tol = TOLERANCE[dtype]
+    assert rel_err(grads[1][0], grads[0][0]) < tol
+    assert rel_err(grads[1][1], grads[0][1]) < TOLERANCE[torch.float32]
+    if sparse:
+        assert torch.equal(grads[1][0].abs().sum(1) > 0, grads[0][0].abs().sum(1) > 0)
+
+
+def test_value_gradient_is_bitwise_deterministic():
+    # many repeats of few slots: any order-dependent accumulation would show in the low bits
+    values, indices, weights, grad_out = bag_inputs(40 * BIG, 16, 5, 33, torch.float32, seed=2)
+    runs = [
+        triton_bag.embedding_bag_grad_rows(grad_out, values, indices, weights)[1] for _ in range(3)
+    ]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_embedding_bag_on_an_empty_batch():
+    values, indices, weights, grad_out = bag_inputs(0, 3, 8, 4, torch.float32, seed=0)
+    v = values.clone().requires_grad_()
+    out = triton_bag.embedding_bag(v, indices, weights)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert torch.equal(v.grad, torch.zeros_like(values))
+    grad_w, slots, rows = triton_bag.embedding_bag_backward(grad_out, values, indices, weights)
+    assert grad_w.shape == (0, 3) and slots.numel() == 0 and rows.shape == (0, 4)
+
+
+@pytest.fixture()
+def triton_backend_on_this_device():
+    """Route this device's tensors to the Triton kernels (on a CPU: through the interpreter)."""
+    saved = dict(kernels._BACKENDS.get(DEVICE, {}))
+    kernels.register_backend(
+        DEVICE,
+        product_key_topk=triton_topk.product_key_topk,
+        embedding_bag=triton_bag.embedding_bag,
+    )
+    yield
+    kernels._BACKENDS.pop(DEVICE, None)
+    if saved:
+        kernels.register_backend(DEVICE, **saved)
+
+
+def run_layer(layer, x, values, sparse):
+    x = x.clone().requires_grad_()
+    values = values.clone().requires_grad_()
+    y, lookup = layer(x, values, sparse_grad=sparse)
+    y.square().sum().backward()
+    params = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for p in layer.parameters():
+        p.grad = None
+    return y.detach(), lookup, x.grad, values.grad.to_dense(), params
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_memory_layer_trains_through_the_kernels_like_the_reference(
+    sparse, triton_backend_on_this_device
+):
+    from memslot.model.config import MemoryConfig
+    from memslot.model.memory import ProductKeyMemory
+
+    torch.manual_seed(0)
+    cfg = MemoryConfig(n_keys=16, heads=2, topk=4, k_dim=16, layers=(0,))
+    layer = ProductKeyMemory(32, 24, cfg, 0).to(DEVICE)
+    x = torch.randn(2, 5 * BIG, 32, device=DEVICE)
+    values = torch.randn(cfg.n_slots, 24, device=DEVICE)
+    fast = run_layer(layer, x, values, sparse)
+    backend = kernels._BACKENDS.pop(DEVICE)
+    try:
+        slow = run_layer(layer, x, values, sparse)
+    finally:
+        kernels.register_backend(DEVICE, **backend)
+    assert torch.equal(fast[1].slots, slow[1].slots)
+    for got, want in [fast[0], slow[0]], [fast[2], slow[2]], [fast[3], slow[3]]:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name in fast[4]:
+        torch.testing.assert_close(fast[4][name], slow[4][name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_tensors_are_routed_to_the_triton_kernels():
+    if os.environ.get("MEMSLOT_KERNELS", "").lower() == "reference":
+        pytest.skip("MEMSLOT_KERNELS=reference keeps CUDA on the reference")
+    probe = torch.zeros(1, device="cuda")
+    assert kernels._pick("embedding_bag", probe) is triton_bag.embedding_bag
+    assert kernels._pick("product_key_topk", probe) is triton_topk.product_key_topk
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_demo_model_and_editor_answer_the_same_on_cuda_as_on_the_cpu(tiny_model_dir):
+    from memslot.demo.corpus import prompts_for
+    from memslot.demo.recipe import load_corpus
+    from memslot.edit import Editor
+    from memslot.model.checkpoint import load_model, load_slot_usage
+    from memslot.model.generate import generate
+
+    corpus = load_corpus(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    prompts = [prompts_for(f)[0] for f in corpus.facts[:12]]
+    fact = corpus.facts[0]
+    other = next(
+        f.answer for f in corpus.facts if f.relation == fact.relation and f.answer != fact.answer
+    )
+    answers = {}
+    for device in ("cpu", "cuda"):
+        model, tok = load_model(tiny_model_dir, device=device)
+        texts = [generate(model, tok, p).text for p in prompts]
+        ids = torch.tensor([[tok.bos_id] + tok.encode(prompts[0])], device=device)
+        out = model(ids)
+        result = Editor(model, tok, usage, usage_tokens=tokens).edit_facts([(prompts[0], other)])
+        answers[device] = (texts, out, result)
+    cpu, gpu = answers["cpu"], answers["cuda"]
+    assert cpu[0] == gpu[0]  # the same greedy answers
+    torch.testing.assert_close(gpu[1].logits.cpu(), cpu[1].logits, atol=1e-3, rtol=1e-3)
+    for a, b in zip(cpu[1].lookups, gpu[1].lookups, strict=True):
+        assert torch.equal(a.slots, b.slots.cpu())
+    # the editor picks the same slots and succeeds alike
+    assert cpu[2].success == gpu[2].success
+    assert cpu[2].slots.tolist() == gpu[2].slots.cpu().tolist()
