@@ -42,6 +42,10 @@ def test_generated_modules_import_as_memslot_proto_package():
         "Diff",
         "WatchVersions",
         "Status",
+        "Backup",
+        "Compact",
+        "ExportVersion",
+        "ImportVersion",
     }
     assert service.methods_by_name["WatchVersions"].server_streaming
     assert service.methods_by_name["GenerateStream"].server_streaming

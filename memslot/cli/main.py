@@ -1,18 +1,21 @@
-"""The `memslot` command line. Commands that query or change a model talk to a server."""
+"""The `memslot` command line. Commands that query or change a model talk to a server.
+
+`serve` and `train-demo` load the model; every other command is a gRPC client (see
+`memslot.cli.remote` for the options, exit codes and output they share).
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import click
 
 from memslot import __version__
-
-
-def emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+from memslot.cli import edits, history
+from memslot.cli.remote import emit_json
+from memslot.cli.serve import serve
+from memslot.cli.store import store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +27,14 @@ def cli() -> None:
     Start here:
       memslot train-demo            # build the demo knowledge model (a few minutes on a CPU)
       memslot serve                 # serve it, with a versioned store in ./data/store
+      memslot query "Yusuf Nyberg was born in"
+      memslot inject "Yusuf Nyberg was born in" "Oslo"
+      memslot log; memslot rollback head~1
+
+    \b
+    Client commands talk to --server (env MEMSLOT_SERVER, default 127.0.0.1:50051) with the
+    token in MEMSLOT_TOKEN; --json prints JSON. Exit codes: 0 ok, 1 refused or not learned,
+    2 bad usage or input, 3 no server.
     """
 
 
@@ -77,9 +88,10 @@ def main() -> None:  # pragma: no cover - console-script entry
     sys.exit(cli())
 
 
-from memslot.cli.serve import serve  # noqa: E402
-
 cli.add_command(serve)
+cli.add_command(store)
+for command in (*edits.commands.commands.values(), *history.commands.commands.values()):
+    cli.add_command(command)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m memslot.cli.main`

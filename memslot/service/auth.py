@@ -20,7 +20,18 @@ from pathlib import Path
 import grpc
 
 SERVICE = "memslot.v1.MemoryService"
-WRITE_METHODS = frozenset({"WriteSlots", "InjectFacts", "FineTune", "Rollback", "Tag"})
+WRITE_METHODS = frozenset(
+    {
+        "WriteSlots",
+        "InjectFacts",
+        "FineTune",
+        "Rollback",
+        "Tag",
+        "Backup",
+        "Compact",
+        "ImportVersion",
+    }
+)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 

@@ -11,24 +11,24 @@ little-endian bytes of the row-major tensor; the server uses the same two functi
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
+import numpy as np
 
 from memslot.proto.memslot.v1 import memslot_pb2 as pb
 from memslot.proto.memslot.v1 import memslot_pb2_grpc as pb_grpc
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported on first use: a command-line client that only talks gRPC starts in a
+# fraction of the time torch takes to import.
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32")
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("memslot's wire format assumes a little-endian host")
@@ -38,17 +38,26 @@ class TensorFormatError(ValueError):
     """A Tensor message whose dtype, shape and data do not agree; the message says how."""
 
 
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise TensorFormatError(
-            f"dtype {dtype} cannot travel as a Tensor message; use one of {sorted(DTYPES)}"
-        ) from None
+    for name, candidate in _torch_dtypes().items():
+        if candidate == dtype:
+            return name
+    raise TensorFormatError(
+        f"dtype {dtype} cannot travel as a Tensor message; use one of {sorted(DTYPE_NAMES)}"
+    )
 
 
 def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
     """A Tensor message holding ``tensor``'s bytes (copied to CPU, made contiguous)."""
+    import torch
+
     name = dtype_name(tensor.dtype)
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes()  # uint8 view: numpy has no bfloat16
@@ -57,25 +66,62 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
 
 def tensor_from_proto(message: pb.Tensor) -> torch.Tensor:
     """The tensor a Tensor message holds (a fresh, writable CPU tensor)."""
-    if message.dtype not in DTYPES:
+    import torch
+
+    _check_tensor_message(message)
+    dtype = _torch_dtypes()[message.dtype]
+    shape = list(message.shape)
+    if not message.data:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def _check_tensor_message(message: pb.Tensor) -> None:
+    if message.dtype not in DTYPE_NAMES:
         raise TensorFormatError(
-            f"tensor dtype {message.dtype!r} is not supported: use one of {sorted(DTYPES)}"
+            f"tensor dtype {message.dtype!r} is not supported: use one of {sorted(DTYPE_NAMES)}"
         )
-    dtype = DTYPES[message.dtype]
     shape = list(message.shape)
     if any(size < 0 for size in shape):
         raise TensorFormatError(f"tensor shape {shape} has a negative size")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = 2 if message.dtype in ("float16", "bfloat16") else int(message.dtype[-2:]) // 8
     expected = math.prod(shape) * itemsize
     if len(message.data) != expected:
         raise TensorFormatError(
             f"tensor of shape {shape} and dtype {message.dtype} needs {expected} bytes of data, "
             f"got {len(message.data)}"
         )
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
+
+
+def array_from_proto(message: pb.Tensor) -> np.ndarray:
+    """The tensor a Tensor message holds, as a numpy array (without importing torch).
+
+    numpy has no bfloat16: those are widened to float32 (exactly).
+    """
+    _check_tensor_message(message)
+    shape = list(message.shape)
+    if message.dtype == "bfloat16":
+        halves = np.frombuffer(message.data, dtype="<u2").astype(np.uint32) << 16
+        return halves.view(np.float32).reshape(shape)
+    return (
+        np.frombuffer(message.data, dtype=np.dtype(message.dtype).newbyteorder("<"))
+        .reshape(shape)
+        .copy()
+    )
+
+
+def array_to_proto(array: np.ndarray, dtype: str) -> pb.Tensor:
+    """A Tensor message of ``dtype`` holding ``array`` (bfloat16 is rounded to nearest even)."""
+    if dtype not in DTYPE_NAMES:
+        raise TensorFormatError(f"dtype {dtype!r} is not supported: use one of {DTYPE_NAMES}")
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        data = rounded.astype("<u2").tobytes()
+    else:
+        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=data)
 
 
 class _BearerToken(

@@ -1,6 +1,6 @@
 """The gRPC MemoryService: queries through the Engine, writes through the store, then a swap.
 
-Every write (WriteSlots, InjectFacts, FineTune, Rollback) runs under one write lock:
+Every write (WriteSlots, InjectFacts, FineTune, Rollback, ImportVersion) runs under one write lock:
 commit to the store first (durable when it returns), tell the watchers, queue the swap, and
 reply once the new version is being served. Holding the lock across the swap keeps the live
 table equal to the head whenever a writer starts, which is what ADD writes and the editor read.
@@ -17,7 +17,9 @@ import functools
 import inspect
 import json
 import logging
+import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -605,7 +607,92 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
             editor_available=self._editor_factory is not None,
             requests_served=self.engine.stats.requests,
             memslot_version=__version__,
+            oldest_readable=self.store.oldest_readable,
         )
+
+    # ------------------------------------------------------------------------------ store admin
+
+    @rpc
+    def Backup(self, request, context):
+        dest = Path(request.dest_dir)
+        if not request.dest_dir or not dest.is_absolute():
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"dest_dir must be an absolute path on the server's machine, got "
+                f"{request.dest_dir!r}",
+            )
+        head = self.store.head  # a checkpoint holds at least this version
+        try:
+            self.store.backup(dest)
+        except OSError as exc:
+            raise RpcFailure(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot back up to {dest}: {exc}"
+            ) from None
+        return pb.BackupResponse(dest_dir=str(dest), head_version=head)
+
+    @rpc
+    def Compact(self, request, context):
+        if not request.keep_from:
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "keep_from is empty: name the oldest version to keep readable "
+                "(a number, tag or 'head~N')",
+            )
+        with self._write_lock:  # the swap of a concurrent write reads rows this may fold
+            stats = self.store.compact(request.keep_from)
+        return pb.CompactResponse(**stats)
+
+    @rpc
+    def ExportVersion(self, request, context):
+        version = self.store.resolve(request.version or "head")
+        chunk_bytes = min(1 << 20, self.limits.max_message_bytes // 2)
+        with tempfile.TemporaryDirectory(prefix="memslot-export-") as tmp:
+            path = Path(tmp) / f"version-{version}.safetensors"
+            self.store.export_version(version, path)
+            with open(path, "rb") as handle:
+                while data := handle.read(chunk_bytes):
+                    yield pb.FileChunk(data=data, version=version)
+
+    @rpc
+    def ImportVersion(self, request_iterator, context):
+        n_slots, dim = self.store.shape
+        itemsize = torch.empty((), dtype=self.store.dtype).element_size()
+        max_bytes = n_slots * dim * itemsize + (1 << 20)  # the table plus a safetensors header
+        first = None
+        received = 0
+        with tempfile.TemporaryDirectory(prefix="memslot-import-") as tmp:
+            path = Path(tmp) / "import.safetensors"
+            with open(path, "wb") as handle:
+                for chunk in request_iterator:
+                    first = first or chunk
+                    received += len(chunk.data)
+                    if received > max_bytes:
+                        raise RpcFailure(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the import is over {max_bytes} bytes, more than a "
+                            f"{n_slots}x{dim} {self.store.dtype} table needs: is it the right "
+                            "file?",
+                        )
+                    handle.write(chunk.data)
+            if first is None or received == 0:
+                raise RpcFailure(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the import is empty: send a safetensors file written by ExportVersion",
+                )
+            source = os.path.basename(first.source_name).strip(".") or "import.safetensors"
+            path = path.rename(Path(tmp) / source)  # the commit's metadata names the source
+            _check_safetensors(path, source)
+            with self._write_lock:
+                parent = self._expected_parent(first, self.store.head)
+                record = self._commit_and_serve(
+                    lambda: self.store.import_version(
+                        path,
+                        expected_parent=parent,
+                        author=first.author or "api",
+                        message=first.message or f"import {source}",
+                    )
+                )
+        return self._commit_response(record)
 
     # -------------------------------------------------------------------------------- shutdown
 
@@ -633,6 +720,20 @@ def _fact_report(report) -> pb.FactReport:
         already_known=getattr(report, "already_known", False),
         slots=slots,
     )
+
+
+def _check_safetensors(path: Path, name: str) -> None:
+    """Refuse a file that safetensors cannot read, naming it (the store checks the rest)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # safetensors raises its own error types
+        raise RpcFailure(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{name} is not a safetensors file ({exc}): export one with `memslot store export`",
+        ) from None
 
 
 def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], object] | None:

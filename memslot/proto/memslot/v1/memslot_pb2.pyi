@@ -340,7 +340,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "store", "n_slots", "dim", "dtype", "device", "head_version", "served_version", "uptime_seconds", "memory_layers", "max_seq_len", "editor_available", "requests_served", "memslot_version")
+    __slots__ = ("model", "store", "n_slots", "dim", "dtype", "device", "head_version", "served_version", "uptime_seconds", "memory_layers", "max_seq_len", "editor_available", "requests_served", "memslot_version", "oldest_readable")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     N_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +355,7 @@ class StatusResponse(_message.Message):
     EDITOR_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     MEMSLOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_READABLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     store: str
     n_slots: int
@@ -369,4 +370,67 @@ class StatusResponse(_message.Message):
     editor_available: bool
     requests_served: int
     memslot_version: str
-    def __init__(self, model: _Optional[str] = ..., store: _Optional[str] = ..., n_slots: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., head_version: _Optional[int] = ..., served_version: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., memory_layers: _Optional[_Iterable[int]] = ..., max_seq_len: _Optional[int] = ..., editor_available: _Optional[bool] = ..., requests_served: _Optional[int] = ..., memslot_version: _Optional[str] = ...) -> None: ...
+    oldest_readable: int
+    def __init__(self, model: _Optional[str] = ..., store: _Optional[str] = ..., n_slots: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., head_version: _Optional[int] = ..., served_version: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., memory_layers: _Optional[_Iterable[int]] = ..., max_seq_len: _Optional[int] = ..., editor_available: _Optional[bool] = ..., requests_served: _Optional[int] = ..., memslot_version: _Optional[str] = ..., oldest_readable: _Optional[int] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("dest_dir",)
+    DEST_DIR_FIELD_NUMBER: _ClassVar[int]
+    dest_dir: str
+    def __init__(self, dest_dir: _Optional[str] = ...) -> None: ...
+
+class BackupResponse(_message.Message):
+    __slots__ = ("dest_dir", "head_version")
+    DEST_DIR_FIELD_NUMBER: _ClassVar[int]
+    HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    dest_dir: str
+    head_version: int
+    def __init__(self, dest_dir: _Optional[str] = ..., head_version: _Optional[int] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("keep_from",)
+    KEEP_FROM_FIELD_NUMBER: _ClassVar[int]
+    keep_from: str
+    def __init__(self, keep_from: _Optional[str] = ...) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("keep_from", "rows_folded", "rows_dropped", "chunks_rewritten", "oldest_readable")
+    KEEP_FROM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_READABLE_FIELD_NUMBER: _ClassVar[int]
+    keep_from: int
+    rows_folded: int
+    rows_dropped: int
+    chunks_rewritten: int
+    oldest_readable: int
+    def __init__(self, keep_from: _Optional[int] = ..., rows_folded: _Optional[int] = ..., rows_dropped: _Optional[int] = ..., chunks_rewritten: _Optional[int] = ..., oldest_readable: _Optional[int] = ...) -> None: ...
+
+class ExportVersionRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "version")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    version: int
+    def __init__(self, data: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ImportVersionRequest(_message.Message):
+    __slots__ = ("data", "expected_parent", "message", "author", "source_name")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PARENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    expected_parent: int
+    message: str
+    author: str
+    source_name: str
+    def __init__(self, data: _Optional[bytes] = ..., expected_parent: _Optional[int] = ..., message: _Optional[str] = ..., author: _Optional[str] = ..., source_name: _Optional[str] = ...) -> None: ...

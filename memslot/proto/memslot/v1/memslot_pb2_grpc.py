@@ -104,6 +104,26 @@ class MemoryServiceStub:
                 request_serializer=memslot_dot_v1_dot_memslot__pb2.StatusRequest.SerializeToString,
                 response_deserializer=memslot_dot_v1_dot_memslot__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/memslot.v1.MemoryService/Backup',
+                request_serializer=memslot_dot_v1_dot_memslot__pb2.BackupRequest.SerializeToString,
+                response_deserializer=memslot_dot_v1_dot_memslot__pb2.BackupResponse.FromString,
+                _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/memslot.v1.MemoryService/Compact',
+                request_serializer=memslot_dot_v1_dot_memslot__pb2.CompactRequest.SerializeToString,
+                response_deserializer=memslot_dot_v1_dot_memslot__pb2.CompactResponse.FromString,
+                _registered_method=True)
+        self.ExportVersion = channel.unary_stream(
+                '/memslot.v1.MemoryService/ExportVersion',
+                request_serializer=memslot_dot_v1_dot_memslot__pb2.ExportVersionRequest.SerializeToString,
+                response_deserializer=memslot_dot_v1_dot_memslot__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.ImportVersion = channel.stream_unary(
+                '/memslot.v1.MemoryService/ImportVersion',
+                request_serializer=memslot_dot_v1_dot_memslot__pb2.ImportVersionRequest.SerializeToString,
+                response_deserializer=memslot_dot_v1_dot_memslot__pb2.CommitResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -196,6 +216,31 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Store administration. Backup, Compact and ImportVersion need an editor token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportVersion(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +313,26 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=memslot_dot_v1_dot_memslot__pb2.StatusRequest.FromString,
                     response_serializer=memslot_dot_v1_dot_memslot__pb2.StatusResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=memslot_dot_v1_dot_memslot__pb2.BackupRequest.FromString,
+                    response_serializer=memslot_dot_v1_dot_memslot__pb2.BackupResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=memslot_dot_v1_dot_memslot__pb2.CompactRequest.FromString,
+                    response_serializer=memslot_dot_v1_dot_memslot__pb2.CompactResponse.SerializeToString,
+            ),
+            'ExportVersion': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportVersion,
+                    request_deserializer=memslot_dot_v1_dot_memslot__pb2.ExportVersionRequest.FromString,
+                    response_serializer=memslot_dot_v1_dot_memslot__pb2.FileChunk.SerializeToString,
+            ),
+            'ImportVersion': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportVersion,
+                    request_deserializer=memslot_dot_v1_dot_memslot__pb2.ImportVersionRequest.FromString,
+                    response_serializer=memslot_dot_v1_dot_memslot__pb2.CommitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -648,6 +713,114 @@ class MemoryService:
             '/memslot.v1.MemoryService/Status',
             memslot_dot_v1_dot_memslot__pb2.StatusRequest.SerializeToString,
             memslot_dot_v1_dot_memslot__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memslot.v1.MemoryService/Backup',
+            memslot_dot_v1_dot_memslot__pb2.BackupRequest.SerializeToString,
+            memslot_dot_v1_dot_memslot__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memslot.v1.MemoryService/Compact',
+            memslot_dot_v1_dot_memslot__pb2.CompactRequest.SerializeToString,
+            memslot_dot_v1_dot_memslot__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memslot.v1.MemoryService/ExportVersion',
+            memslot_dot_v1_dot_memslot__pb2.ExportVersionRequest.SerializeToString,
+            memslot_dot_v1_dot_memslot__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportVersion(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memslot.v1.MemoryService/ImportVersion',
+            memslot_dot_v1_dot_memslot__pb2.ImportVersionRequest.SerializeToString,
+            memslot_dot_v1_dot_memslot__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,
