@@ -115,8 +115,8 @@ def _bag_grad_rows_kernel(
 
 def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
     """(BLOCK_D, rows per tile) so that one tile holds about ``elem_budget`` elements."""
-    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
-    return block_d, max(1, elem_budget // block_d)
+    block_d = min(max(triton.next_power_of_2(D), 16), 1024)
+    return block_d, max(16, elem_budget // block_d)
 
 
 def embedding_bag_forward(
@@ -134,7 +134,7 @@ def embedding_bag_forward(
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
     block_d, block_b = _tiles(D, 8192)
-    block_b = min(block_b, triton.next_power_of_2(B))
+    block_b = min(block_b, max(16, triton.next_power_of_2(B)))  # tiles at least 16 wide
     grid = (N, triton.cdiv(D, block_d))
     _bag_forward_kernel[grid](
         values, indices, weights, out, B, D, values.stride(0),
@@ -156,8 +156,8 @@ def embedding_bag_grad_weights(
         return grad_w.zero_()
     if values.stride(1) != 1:
         values = values.contiguous()
-    block_d = min(triton.next_power_of_2(D), 256)
-    block_b = min(triton.next_power_of_2(B), 16)
+    block_d = min(max(triton.next_power_of_2(D), 16), 256)
+    block_b = 16
     grid = (N, triton.cdiv(B, block_b))
     _bag_grad_weights_kernel[grid](
         values, indices.contiguous(), grad_out.contiguous(), grad_w, B, D, values.stride(0),
@@ -187,6 +187,7 @@ def embedding_bag_grad_rows(
     weights: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     dense: bool = False,
+    block_d: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Value-table gradient: (slots (U,) sorted unique int64, rows (U, D)) or, with ``dense``,
     (slots, the whole (S, D) gradient with zeros on unread rows). Rows are in ``dtype``."""
@@ -206,7 +207,7 @@ def embedding_bag_grad_rows(
     )
     if D == 0:
         return slots, out
-    block_d = min(triton.next_power_of_2(D), 1024)
+    block_d = min(max(triton.next_power_of_2(D), 16), block_d)
     grid = (U, triton.cdiv(D, block_d))
     _bag_grad_rows_kernel[grid](
         grad_out.contiguous(), weights.contiguous(), order, offsets, slots, out, B, D,

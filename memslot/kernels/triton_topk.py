@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits: upcast there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -240,10 +240,14 @@ def product_key_topk_forward(
     keys2: torch.Tensor,
     topk: int,
     save_for_backward: bool = False,
+    block_n: int | None = None,
+    block_c: int = 128,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
-    scores (N, H, topk) in q1's dtype, descending; slots (N, H, topk) int64. With
+    scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
+    rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots (N, H, topk) int64. With
     ``save_for_backward``, half_idx (2, N, H, topk) int32 holds the sub-keys each half kept and
     pair_rank (2, N, H, topk) int32 the half-ranks each pick combined; otherwise both are None.
     """
@@ -255,7 +259,7 @@ def product_key_topk_forward(
     keys1, keys2 = (t.to(q1.dtype) for t in (keys1, keys2))
     keys1, keys2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys1, keys2))
     device = q1.device
-    scores = torch.empty(N, H, topk, dtype=q1.dtype, device=device)
+    scores = torch.empty(N, H, topk, dtype=torch.float32, device=device)
     slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
     half_idx = pair_rank = None
     if save_for_backward:
@@ -264,7 +268,8 @@ def product_key_topk_forward(
     if N == 0:
         return scores, slots, half_idx, pair_rank
     pair_a, pair_b = _candidate_pairs(topk, device)
-    block_n = 64 if N >= 64 * 132 else 32 if N >= 1024 else 16
+    if block_n is None:
+        block_n = 64 if N >= 64 * 132 else 32 if N >= 1024 else 16
     grid = (triton.cdiv(N, block_n), H)
     _product_key_topk_kernel[grid](
         q1, q2, keys1, keys2, pair_a, pair_b, scores, slots,
@@ -272,11 +277,12 @@ def product_key_topk_forward(
         N, H, n_keys, half, pair_a.numel(),
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
-        K=topk, KP=_next_pow2(topk), CP=_next_pow2(pair_a.numel()),
+        # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
+        K=topk, KP=_next_pow2(topk, 16), CP=_next_pow2(pair_a.numel(), 16),
         HALF_P2=_next_pow2(half, 16), BLOCK_N=block_n,
-        BLOCK_C=min(128, _next_pow2(n_keys, 16)),
+        BLOCK_C=min(block_c, _next_pow2(n_keys, 16)),
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, SAVE_FOR_BACKWARD=save_for_backward,
-        num_warps=8 if block_n >= 64 else 4,
+        num_warps=num_warps or (8 if block_n >= 64 else 4),
     )  # fmt: skip
     return scores, slots, half_idx, pair_rank
 
@@ -294,7 +300,7 @@ def half_score_grads(
     block_r = 32
     _half_score_grad_kernel[(triton.cdiv(R, block_r), 2)](
         grad_scores.contiguous(), half_idx, pair_rank, dense, R, n_keys,
-        K=K, KP=_next_pow2(K), BLOCK_R=block_r,
+        K=K, KP=_next_pow2(K, 16), BLOCK_R=block_r,
     )  # fmt: skip
     return dense
 

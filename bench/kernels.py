@@ -1,0 +1,385 @@
+"""Benchmark of the memory-layer kernels: Triton on CUDA against the PyTorch reference.
+
+On a CUDA GPU (the issue's shapes: 16,384 tokens, model dim 1,024, 4 heads, top-32, k_dim 512,
+bf16) it checks each Triton kernel against the reference, then times: the device copy rate; the
+fused product-key top-k; the embedding-bag forward and backward (time, effective TB/s on the
+bytes each must move, ratio to the copy rate); a whole Memory+ layer forward and forward+backward
+through the Triton kernels and through the reference, against a dense SwiGLU FFN (hidden 4x) of
+the same model dim, at 1M and 16M slots. Prints a markdown table last.
+
+On a CPU it runs a small-shape comparison of the reference against PyTorch's native ops, so
+``make bench`` works without a GPU.
+
+    python bench/kernels.py            # full sizes on CUDA; small sizes on a CPU
+    python bench/kernels.py --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memslot.kernels import cuda as kernels_cuda
+from memslot.kernels import reference
+from memslot.model.config import MemoryConfig
+from memslot.model.memory import ProductKeyMemory
+
+ROWS: list[tuple[str, str, str, str]] = []  # (measurement, time, rate, note)
+
+
+def row(what: str, ms: float, rate: str = "", note: str = "") -> None:
+    ROWS.append((what, f"{ms:.3f} ms", rate, note))
+    print(f"{what}: {ms:.3f} ms {rate} {note}", flush=True)
+
+
+def check(ok: bool, what: str) -> None:
+    """A failed check is printed, not raised: the timings after it still come back."""
+    print(("  ok: " if ok else "  CHECK FAILED: ") + what, flush=True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN a memory layer replaces: W2(silu(W1 x) * W3 x), hidden 4x."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, 4 * d, bias=False)
+        self.w3 = nn.Linear(d, 4 * d, bias=False)
+        self.w2 = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+
+
+def bench_ms(fn, rep_ms: int = 200) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+
+
+def copy_rate(device) -> tuple[float, float]:
+    src = torch.randn(2**30 // 2, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / ms / 1e9, ms  # bytes read + written, TB/s
+
+
+def bench_topk(n_keys, N, H, K, half, dev, dt) -> None:
+    from memslot.kernels import triton_topk
+
+    g = torch.Generator(device=dev).manual_seed(n_keys)
+    q1, q2 = (torch.randn(N, H, half, device=dev, generator=g).to(dt) for _ in range(2))
+    k1, k2 = (torch.randn(H, n_keys, half, device=dev, generator=g).to(dt) for _ in range(2))
+    # check: the bf16 kernel's picks against an fp32 reference on the same bf16 inputs
+    s, sl = triton_topk.product_key_topk(q1, q2, k1, k2, K)
+    ws, wsl = reference.product_key_topk(*(t.float() for t in (q1, q2, k1, k2)), K)
+    same = (sl.sort(-1).values == wsl.sort(-1).values).float().mean().item()
+    print(f"  topk n_keys={n_keys}: score rel err {rel_err(s, ws):.2e}, slots equal {same:.4f}")
+    check(rel_err(s, ws) < 1e-2, f"fused top-k scores vs fp32 reference, n_keys {n_keys}")
+    variants = {}
+    for bn, bc, nw in [
+        (64, 128, 8),
+        (32, 128, 4),
+        (32, 64, 4),
+        (16, 128, 4),
+        (16, 64, 4),
+        (32, 128, 8),
+    ]:
+        variants[(bn, bc, nw)] = bench_ms(
+            lambda bn=bn, bc=bc, nw=nw: triton_topk.product_key_topk_forward(
+                q1, q2, k1, k2, K, block_n=bn, block_c=bc, num_warps=nw
+            )
+        )
+        print(
+            f"    top-k variant block_n {bn} block_c {bc} warps {nw}: {variants[(bn, bc, nw)]:.3f} ms"
+        )
+    best = min(variants, key=variants.get)
+    print(f"    best variant {best}")
+    ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K))
+    ref_ms = bench_ms(lambda: reference.product_key_topk(q1, q2, k1, k2, K))
+    row(
+        f"fused scoring + top-k, {N} tok x {H} heads, {n_keys} sub-keys",
+        ms,
+        "",
+        f"reference {ref_ms:.3f} ms ({ref_ms / ms:.1f}x); target <= 0.5 ms at 1,024",
+    )
+
+
+def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs) -> None:
+    from memslot.kernels import triton_bag
+
+    S = n_slots
+    g = torch.Generator(device=dev).manual_seed(1)
+    values = (torch.randn(S, D, device=dev, generator=g) * 0.02).to(dt)
+    indices = torch.randint(0, S, (N, B), device=dev, generator=g)
+    weights = torch.rand(N, B, device=dev, generator=g)
+    weights = weights / weights.sum(1, keepdim=True)
+    grad_out = torch.randn(N, D, device=dev, generator=g)
+    out = triton_bag.embedding_bag_forward(values, indices, weights)
+    want = reference.embedding_bag_forward(values, indices, weights)
+    print(f"  bag forward rel err {rel_err(out, want):.2e}")
+    check(rel_err(out, want) < 1e-5, "embedding-bag forward vs reference")
+    gw, slots, rows_ = triton_bag.embedding_bag_backward(grad_out, values, indices, weights)
+    wgw, wslots, wrows = reference.embedding_bag_backward(grad_out, values, indices, weights)
+    print(f"  bag backward rel err w {rel_err(gw, wgw):.2e} rows {rel_err(rows_, wrows):.2e}")
+    check(
+        torch.equal(slots, wslots) and rel_err(gw, wgw) < 1e-5 and rel_err(rows_, wrows) < 1e-5,
+        "embedding-bag backward vs reference",
+    )
+    U = slots.numel()
+    del want, wgw, wslots, wrows, rows_
+
+    esz = values.element_size()
+    fwd_bytes = N * B * (D * esz + 8 + 4) + N * D * 4
+    ms = bench_ms(lambda: triton_bag.embedding_bag_forward(values, indices, weights))
+    ref_ms = bench_ms(lambda: reference.embedding_bag_forward(values, indices, weights))
+    tbs = fwd_bytes / ms / 1e9
+    row(
+        f"embedding-bag forward, {S:,} x {D} {dt}, bag {B}",
+        ms,
+        f"{tbs:.2f} TB/s",
+        f"{tbs / copy_tbs:.0%} of copy; reference {ref_ms:.3f} ms; target >= 95%",
+    )
+    gw_bytes = N * B * (D * esz + 8 + 4) + N * D * 4
+    ms_w = bench_ms(lambda: triton_bag.embedding_bag_grad_weights(grad_out, values, indices))
+    row(
+        "  backward: weight gradients",
+        ms_w,
+        f"{gw_bytes / ms_w / 1e9:.2f} TB/s",
+        f"{gw_bytes / ms_w / 1e9 / copy_tbs:.0%} of copy",
+    )
+    rows_bytes = N * B * (8 + 4 + 8) + N * D * 4 + U * D * esz
+    sort_ms = bench_ms(lambda: triton_bag._sorted_segments(indices, S))
+    print(f"    sort + segment of {N * B:,} pairs: {sort_ms:.3f} ms")
+    for bd in (256, 512):
+        t = bench_ms(
+            lambda bd=bd: triton_bag.embedding_bag_grad_rows(
+                grad_out, values, indices, weights, dt, block_d=bd
+            )
+        )
+        print(f"    value rows variant block_d {bd}: {t:.3f} ms")
+    ms_r = bench_ms(
+        lambda: triton_bag.embedding_bag_grad_rows(grad_out, values, indices, weights, dt)
+    )
+    row(
+        f"  backward: value rows, sparse ({U:,} unique slots)",
+        ms_r,
+        f"{rows_bytes / ms_r / 1e9:.2f} TB/s",
+        f"{rows_bytes / ms_r / 1e9 / copy_tbs:.0%} of copy (incl. sort)",
+    )
+    bwd_bytes = gw_bytes + rows_bytes
+    ms_b = bench_ms(lambda: triton_bag.embedding_bag_backward(grad_out, values, indices, weights))
+    ref_b = bench_ms(
+        lambda: reference.embedding_bag_backward(grad_out, values, indices, weights), 100
+    )
+    row(
+        "embedding-bag backward (weights + sparse rows, fp32 rows)",
+        ms_b,
+        f"{bwd_bytes / ms_b / 1e9:.2f} TB/s",
+        f"{bwd_bytes / ms_b / 1e9 / copy_tbs:.0%} of copy; reference {ref_b:.3f} ms; target >= 70%",
+    )
+    dense_bytes = rows_bytes + S * D * esz
+    ms_d = bench_ms(
+        lambda: triton_bag.embedding_bag_grad_rows(
+            grad_out, values, indices, weights, dt, dense=True
+        )
+    )
+    row(
+        "  backward: value rows, dense table gradient",
+        ms_d,
+        f"{dense_bytes / ms_d / 1e9:.2f} TB/s",
+        f"{dense_bytes / ms_d / 1e9 / copy_tbs:.0%} of copy (zero fill + rows)",
+    )
+
+
+def gpu_bench(args) -> None:
+    cuda = kernels_cuda
+
+    check(cuda.register(), "Triton backend registered for CUDA")
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
+    half = KD // 2
+    B = H * K
+    props = torch.cuda.get_device_properties(dev)
+    print(
+        f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}; tokens {N}, dim {D}, heads {H}, top-{K}, "
+        f"k_dim {KD}, {dt}",
+        flush=True,
+    )
+    copy_tbs, copy_ms = copy_rate(dev)
+    row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
+
+    for n_keys in args.n_keys:
+        bench_topk(n_keys, N, H, K, half, dev, dt)
+    bench_bag(args.n_keys[0] ** 2, N, B, D, dev, dt, copy_tbs)
+    torch.cuda.empty_cache()
+
+    ffn = SwiGLU(D).to(dev, dt)
+    x = torch.randn(1, N, D, device=dev, dtype=dt)
+    with torch.no_grad():
+        ffn_fwd = bench_ms(lambda: ffn(x))
+    xg = x.clone().requires_grad_()
+
+    def ffn_step():
+        xg.grad = None
+        for p in ffn.parameters():
+            p.grad = None
+        ffn(xg).sum().backward()
+
+    ffn_fb = bench_ms(ffn_step)
+    row(f"dense SwiGLU FFN forward, d {D}, hidden {4 * D}", ffn_fwd)
+    row("dense SwiGLU FFN forward+backward", ffn_fb)
+
+    layer_fwd = {}
+    for n_keys in args.n_keys:
+        cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
+        torch.manual_seed(0)
+        layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
+        table = (torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02).requires_grad_()
+
+        def fwd(layer=layer, table=table):
+            with torch.no_grad():
+                return layer(x, table)[0]
+
+        def step(layer=layer, table=table):
+            xg.grad = None
+            table.grad = None
+            for p in layer.parameters():
+                p.grad = None
+            layer(xg, table, sparse_grad=True)[0].float().square().sum().backward()
+
+        times, outputs = {}, {}
+        for path in ("triton", "reference"):
+            cuda.register() if path == "triton" else cuda.unregister()
+            outputs[path] = fwd()
+            times[path] = (bench_ms(fwd), bench_ms(step, 300))
+        cuda.register()
+        y_fast, y_ref = outputs["triton"], outputs["reference"]
+        if cfg.n_slots <= 2**20:  # an fp32 copy of the layer as the judge of both bf16 paths
+            layer32 = ProductKeyMemory(D, D, cfg, 0).to(dev)
+            layer32.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+            cuda.unregister()
+            with torch.no_grad():
+                y32 = layer32(x.float(), table.detach().float())[0]
+            cuda.register()
+            print(
+                f"  layer vs fp32 layer: triton {rel_err(y_fast, y32):.2e}, "
+                f"reference {rel_err(y_ref, y32):.2e}"
+            )
+            del layer32, y32
+        print(
+            f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
+        )
+        layer_fwd[n_keys] = times["triton"][0]
+        for label, i, ffn_ms in (("forward", 0, ffn_fwd), ("forward+backward", 1, ffn_fb)):
+            t, r = times["triton"][i], times["reference"][i]
+            row(
+                f"Memory+ layer {label}, {cfg.n_slots:,} slots (Triton)",
+                t,
+                "",
+                f"{t / ffn_ms:.2f}x FFN; reference {r:.2f} ms ({r / t:.1f}x slower)",
+            )
+        del layer, table
+        torch.cuda.empty_cache()
+    if len(args.n_keys) > 1:
+        a, b = args.n_keys[0], args.n_keys[-1]
+        print(f"layer forward {b * b:,} / {a * a:,} slots: {layer_fwd[b] / layer_fwd[a]:.2f}x")
+        ROWS.append(
+            (
+                f"layer forward {b * b:,} slots / {a * a:,} slots",
+                f"{layer_fwd[b] / layer_fwd[a]:.2f}x",
+                "",
+                "target <= 1.3x",
+            )
+        )
+
+
+# ---- CPU ---------------------------------------------------------------------------------------
+
+
+def cpu_ms(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def cpu_bench(args) -> None:
+    print(
+        f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}; small shapes"
+    )
+    N, D, H, K, n_keys, KD = 512, 256, 4, 8, 64, 64
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.randn(N, H, KD // 2, generator=g) for _ in range(2))
+    k1, k2 = (torch.randn(H, n_keys, KD // 2, generator=g) for _ in range(2))
+    row(
+        f"product-key top-k, reference, {N} tok x {H} heads, {n_keys} sub-keys",
+        cpu_ms(lambda: reference.product_key_topk(q1, q2, k1, k2, K)),
+    )
+    row(
+        f"top-k by brute force over {n_keys**2} slots",
+        cpu_ms(lambda: reference.brute_force_topk(q1, q2, k1, k2, K)),
+    )
+    S = n_keys**2
+    values = torch.randn(S, D, generator=g)
+    indices = torch.randint(0, S, (N, H * K), generator=g)
+    weights = torch.rand(N, H * K, generator=g)
+    for name, fn in (
+        ("reference", reference.embedding_bag),
+        ("native", reference.embedding_bag_native),
+    ):
+        row(
+            f"embedding-bag forward, {name}, {S} x {D} fp32",
+            cpu_ms(lambda fn=fn: fn(values, indices, weights)),
+        )
+
+        def step(fn=fn):
+            v = values.clone().requires_grad_()
+            fn(v, indices, weights.requires_grad_(), True).sum().backward()
+
+        row(f"embedding-bag forward+backward, {name}", cpu_ms(step))
+    x = torch.randn(1, N, D, generator=g)
+    cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
+    layer, ffn = ProductKeyMemory(D, D, cfg, 0), SwiGLU(D)
+    with torch.no_grad():
+        row(f"Memory+ layer forward, {S} slots", cpu_ms(lambda: layer(x, values)))
+        row(f"dense SwiGLU FFN forward, d {D}", cpu_ms(lambda: ffn(x)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--k-dim", type=int, default=512)
+    p.add_argument("--n-keys", type=int, nargs="+", default=[1024, 4096])
+    args = p.parse_args()
+    if torch.cuda.is_available() and kernels_cuda.triton_available():
+        gpu_bench(args)
+    else:
+        cpu_bench(args)
+    print("\n| measurement | time | rate | notes |\n|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
