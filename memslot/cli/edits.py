@@ -260,7 +260,7 @@ def report_edits(remote: Remote, replies: list, what: str, show_target: bool) ->
                 {
                     "prompt": report.prompt,
                     "target": report.target,
-                    "held": report.success,
+                    "held": report.success and reply.success,
                     "committed": reply.committed,
                     "already_known": report.already_known,
                     "prob_before": report.prob_before,
@@ -272,8 +272,8 @@ def report_edits(remote: Remote, replies: list, what: str, show_target: bool) ->
                 }
             )
     committed = [reply for reply in replies if reply.committed]
-    failures = [reply.message for reply in replies if not reply.committed]
-    held = sum(row["held"] and row["committed"] for row in rows)
+    failures = [reply.message for reply in replies if not reply.success]
+    held = sum(row["held"] for row in rows)
     if remote.as_json:
         emit_json(
             {
@@ -289,7 +289,7 @@ def report_edits(remote: Remote, replies: list, what: str, show_target: bool) ->
         columns = ["prompt", "target"] if show_target else ["passage"]
         view = table(None, *columns, "held", ">p before", ">p after", ">slots", ">version")
         for row in rows:
-            mark = "yes" if row["held"] and row["committed"] else "no"
+            mark = "yes" if row["held"] else "no"
             if row["already_known"]:
                 mark += " (known)"
             texts = [short(row["prompt"]), row["target"]] if show_target else [short(row["prompt"])]

@@ -456,6 +456,16 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
                     ),
                 )
             slots = result.slots.tolist()
+            if not slots:  # every item was already known: a version must change something
+                return pb.EditResponse(
+                    success=True,
+                    committed=False,
+                    served_version=self.engine.served_version,
+                    reports=reports,
+                    seconds=result.seconds,
+                    message="nothing to commit: the model already answers every item "
+                    "(force edits them anyway)",
+                )
             rows = result.rows.detach().to("cpu", self.store.dtype)
             record = self._commit_and_serve(
                 lambda: self.store.commit(
