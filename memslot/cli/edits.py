@@ -306,7 +306,13 @@ def report_edits(remote: Remote, replies: list, what: str, show_target: bool) ->
         versions = ", ".join(str(reply.version.version) for reply in committed) or "none"
         out.print(f"{held} of {len(rows)} {what} held; committed version(s): {versions}")
     if failures:
-        error = CliError("; ".join(failures), EXIT_REFUSED, "NOT_LEARNED")
+        reason = failures[0]
+        if len(failures) > 1:
+            reason = (
+                f"{len(failures)} of {len(replies)} batches were not learned and nothing of "
+                f"them was committed; the first: {reason}"
+            )
+        error = CliError(reason, EXIT_REFUSED, "NOT_LEARNED")
         error.json_printed = remote.as_json
         raise error
 
