@@ -89,21 +89,28 @@ def bench_topk(n_keys, N, H, K, half, dev, dt) -> None:
     print(f"  topk n_keys={n_keys}: score rel err {rel_err(s, ws):.2e}, slots equal {same:.4f}")
     check(rel_err(s, ws) < 1e-2, f"fused top-k scores vs fp32 reference, n_keys {n_keys}")
     variants = {}
-    for bn, bc, nw in [
-        (64, 128, 8),
-        (32, 128, 4),
-        (32, 64, 4),
-        (16, 128, 4),
-        (16, 64, 4),
-        (32, 128, 8),
+    for bn, bc, nw, ns in [
+        (64, 64, 8, 2),
+        (64, 64, 8, 3),
+        (64, 128, 8, 1),
+        (32, 64, 4, 2),
+        (128, 64, 8, 2),
+        (64, 64, 4, 2),
     ]:
-        variants[(bn, bc, nw)] = bench_ms(
-            lambda bn=bn, bc=bc, nw=nw: triton_topk.product_key_topk_forward(
-                q1, q2, k1, k2, K, block_n=bn, block_c=bc, num_warps=nw
+        try:
+            variants[(bn, bc, nw, ns)] = bench_ms(
+                lambda bn=bn, bc=bc, nw=nw, ns=ns: triton_topk.product_key_topk_forward(
+                    q1, q2, k1, k2, K, block_n=bn, block_c=bc, num_warps=nw, num_stages=ns
+                )
             )
-        )
+        except Exception as e:  # a shape that does not compile must not stop the run
+            print(
+                f"    top-k variant {bn}/{bc}/{nw}/{ns} failed: {type(e).__name__}: {str(e)[:120]}"
+            )
+            continue
         print(
-            f"    top-k variant block_n {bn} block_c {bc} warps {nw}: {variants[(bn, bc, nw)]:.3f} ms"
+            f"    top-k variant block_n/block_c/warps/stages {bn}/{bc}/{nw}/{ns}: "
+            f"{variants[(bn, bc, nw, ns)]:.3f} ms"
         )
     best = min(variants, key=variants.get)
     print(f"    best variant {best}")

@@ -1,13 +1,15 @@
 """Fused product-key top-k in Triton: scoring, per-half top-k, top-k of the sums, one kernel.
 
 One program takes BLOCK_N tokens of one head. For each half it streams the n_keys sub-keys in
-chunks of BLOCK_C, scores them with one matrix product per chunk, and keeps a running top-k in
-registers (a chunk's element enters only if it beats the current k-th best, so after the first
-chunks few do). The k x k sums are never formed: with both halves sorted in descending order, the
+chunks of BLOCK_C, scored by one matrix product per chunk, twice: the first pass keeps the max of
+each group of sub-keys c = g (mod BLOCK_C), whose k-th largest is a lower bound on the k-th best
+score; the second compacts the few scores at or above it (about 36 of 1,024 on random keys) into
+a small per-row scratch list, which one bitonic top-k (``tl.topk`` on packed (score, index) int64
+keys) ranks. Rows with too many candidates fall back to a top-k network over every chunk.
+The k x k sums are never formed: with both halves sorted in descending order, the
 pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs with
 (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those candidates are
-gathered from registers and ranked again. Neither the n_keys scores nor the candidates touch
-global memory.
+gathered from registers and ranked by one more top-k network.
 
 The backward is deterministic: the gradient of each kept half-score is a sum over the final
 picks that used it, formed in a fixed order per row and scattered (unique indices, no atomics)
@@ -37,24 +39,70 @@ def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 @triton.jit
+def _pack(score, index):
+    """int64 keys whose signed order is (score descending, then index ascending).
+
+    The fp32 bits become an int32 with the float's order (negative floats have their magnitude
+    bits flipped); the low word holds 2**31 - 1 - index, so equal scores rank the lower index
+    first. One sort network then carries each score's index with it.
+    """
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def _unpack(key):
+    """(fp32 score, int32 index) from a key made by ``_pack``."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE: tl.constexpr):
+    """Scores of BLOCK_N query rows against the sub-keys ``cols``; -inf past n_keys."""
+    c_mask = cols < n_keys
+    kc = tl.load(
+        keys_ptr + cols[:, None] * stride_kk + d[None, :],
+        mask=c_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if IEEE:
+        s = tl.dot(q, tl.trans(kc.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(kc))
+    return tl.where(c_mask[None, :], s, _NEG_INF)  # (BLOCK_N, BLOCK_C) fp32
+
+
+@triton.jit
 def _half_topk(
     q_ptr,
     stride_qn,
     keys_ptr,
     stride_kk,
+    scratch_ptr,
     rows,
     row_mask,
     n_keys,
     half,
     K: tl.constexpr,
     KP: tl.constexpr,
+    CAP: tl.constexpr,
     HALF_P2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Top-K sub-keys of one half for BLOCK_N rows: (scores, indices), (BLOCK_N, KP), descending.
+    """Top-KP sub-keys of one half for BLOCK_N rows: (scores, indices), (BLOCK_N, KP), descending.
 
-    Columns >= K hold -inf and index 0.
+    Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
+    1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks. The K
+       largest group maxima are K distinct scores, so the K-th largest of them is a lower bound
+       on the row's K-th best score (on random keys about 36 of 1,024 scores reach it).
+    2. the scores at or above the bound, packed with their index, are compacted into CAP scratch
+       slots per row (a prefix sum gives each its place); one bitonic top-k ranks them.
+    A block where some row has fewer than K or more than CAP candidates falls back to ranking
+    every chunk with the top-k network (exact either way, only slower).
     """
     d = tl.arange(0, HALF_P2)
     d_mask = d < half
@@ -65,53 +113,47 @@ def _half_topk(
     )
     if IEEE:
         q = q.to(tl.float32)
-    kcol = tl.arange(0, KP)
     ccol = tl.arange(0, BLOCK_C)
-    # running top-K, unsorted; padding columns hold +inf so they are never the one replaced
-    best = tl.where(kcol[None, :] < K, _NEG_INF, float("inf")) + tl.zeros(
-        (q.shape[0], KP), tl.float32
-    )
-    best_idx = tl.zeros((q.shape[0], KP), tl.int32)
-    tau = tl.min(best, axis=1)  # the current K-th best score per row
+    kcol = tl.arange(0, KP)
+    group_max = tl.full((q.shape[0], BLOCK_C), _NEG_INF, tl.float32)
+    for c0 in range(0, n_keys, BLOCK_C):
+        s = _score_chunk(q, keys_ptr, stride_kk, c0 + ccol, d, d_mask, n_keys, IEEE)
+        group_max = tl.maximum(group_max, s)
+    top_groups = tl.topk(group_max, KP)
+    bound = tl.min(tl.where(kcol[None, :] < K, top_groups, float("inf")), axis=1)  # (BLOCK_N,)
+
+    count = tl.zeros((q.shape[0],), tl.int32)
     for c0 in range(0, n_keys, BLOCK_C):
         cols = c0 + ccol
-        c_mask = cols < n_keys
-        kc = tl.load(
-            keys_ptr + cols[:, None] * stride_kk + d[None, :],
-            mask=c_mask[:, None] & d_mask[None, :],
-            other=0.0,
+        s = _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE)
+        keep = s >= bound[:, None]
+        place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        tl.store(
+            scratch_ptr + rows[:, None] * CAP + place,
+            _pack(s, cols[None, :]),
+            mask=keep & (place < CAP) & row_mask[:, None],
         )
-        if IEEE:
-            s = tl.dot(
-                q, tl.trans(kc.to(tl.float32)), input_precision="ieee"
-            )  # (BLOCK_N, BLOCK_C) fp32
-        else:
-            s = tl.dot(q, tl.trans(kc))
-        s = tl.where(c_mask[None, :] & (s > tau[:, None]), s, _NEG_INF)
-        entering = tl.sum((s > _NEG_INF).to(tl.int32), axis=1)
-        n_iter = tl.minimum(tl.max(entering, axis=0), K)
-        for _ in range(n_iter):
-            m, am = tl.max(s, axis=1, return_indices=True)
-            enter = m > tau
-            pos = tl.argmin(best, axis=1)
-            hit = (kcol[None, :] == pos[:, None]) & enter[:, None]
-            best = tl.where(hit, m[:, None], best)
-            best_idx = tl.where(hit, (c0 + am)[:, None], best_idx)
-            s = tl.where(ccol[None, :] == am[:, None], _NEG_INF, s)
-            tau = tl.min(best, axis=1)
-    # sort the K kept scores in descending order
-    best = tl.where(kcol[None, :] < K, best, _NEG_INF)
-    top = tl.full((q.shape[0], KP), _NEG_INF, tl.float32)
-    top_idx = tl.zeros((q.shape[0], KP), tl.int32)
-    for j in range(K):
-        m, am = tl.max(best, axis=1, return_indices=True)
-        sel = kcol[None, :] == am[:, None]
-        picked = tl.sum(tl.where(sel, best_idx, 0), axis=1)
-        put = kcol[None, :] == j
-        top = tl.where(put, m[:, None], top)
-        top_idx = tl.where(put, picked[:, None], top_idx)
-        best = tl.where(sel, _NEG_INF, best)
-    return top, top_idx
+        count += tl.sum(keep.to(tl.int32), axis=1)
+    tl.debug_barrier()  # the program's scratch stores before its loads
+    fits = tl.max(tl.where(row_mask, count, 0), axis=0) <= CAP
+    fits = fits & (tl.min(tl.where(row_mask, count, K), axis=0) >= K)
+    if fits:
+        slot = tl.arange(0, CAP)
+        cand = tl.load(
+            scratch_ptr + rows[:, None] * CAP + slot[None, :],
+            mask=(slot[None, :] < count[:, None]) & row_mask[:, None],
+            other=-9223372036854775807,  # below every real key
+        )
+        best = tl.topk(cand, KP)
+    else:
+        best = tl.full((q.shape[0], KP), -9223372036854775807, tl.int64)
+        for c0 in range(0, n_keys, BLOCK_C):
+            cols = c0 + ccol
+            s = _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE)
+            chunk = tl.topk(_pack(s, cols[None, :]), KP)  # (BLOCK_N, KP), descending
+            # the larger half of two descending lists is max(a, reversed b), then a sort
+            best = tl.sort(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+    return _unpack(best)
 
 
 @triton.jit
@@ -126,6 +168,7 @@ def _product_key_topk_kernel(
     slots_ptr,
     half_idx_ptr,
     pair_rank_ptr,
+    scratch_ptr,
     N,
     H,
     n_keys,
@@ -142,6 +185,7 @@ def _product_key_topk_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,
     CP: tl.constexpr,
+    CAP: tl.constexpr,
     HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -151,42 +195,29 @@ def _product_key_topk_kernel(
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    scratch = scratch_ptr + h.to(tl.int64) * 2 * N * CAP  # (H, 2, N, CAP) packed keys
     t1, i1 = _half_topk(
-        q1_ptr + h * stride_q1h, stride_q1n, k1_ptr + h * stride_k1h, stride_k1k,
-        rows, row_mask, n_keys, half, K, KP, HALF_P2, BLOCK_C, IEEE,
+        q1_ptr + h * stride_q1h, stride_q1n, k1_ptr + h * stride_k1h, stride_k1k, scratch,
+        rows, row_mask, n_keys, half, K, KP, CAP, HALF_P2, BLOCK_C, IEEE,
     )  # fmt: skip
     t2, i2 = _half_topk(
         q2_ptr + h * stride_q2h, stride_q2n, k2_ptr + h * stride_k2h, stride_k2k,
-        rows, row_mask, n_keys, half, K, KP, HALF_P2, BLOCK_C, IEEE,
+        scratch + N * CAP, rows, row_mask, n_keys, half, K, KP, CAP, HALF_P2, BLOCK_C, IEEE,
     )  # fmt: skip
 
-    # candidates: sums of the dominance-pruned half-rank pairs, (BLOCK_N, CP)
+    # candidates: sums of the dominance-pruned half-rank pairs, (BLOCK_N, CP), then their top KP
     pcol = tl.arange(0, CP)
     p_mask = pcol < n_pairs
-    pa = tl.load(pair_a_ptr + pcol, mask=p_mask, other=0)
-    pb = tl.load(pair_b_ptr + pcol, mask=p_mask, other=0)
-    pa2 = tl.broadcast_to(pa[None, :], (BLOCK_N, CP))
-    pb2 = tl.broadcast_to(pb[None, :], (BLOCK_N, CP))
-    cand = tl.gather(t1, pa2, axis=1) + tl.gather(t2, pb2, axis=1)
+    pa = tl.broadcast_to(tl.load(pair_a_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_N, CP))
+    pb = tl.broadcast_to(tl.load(pair_b_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_N, CP))
+    cand = tl.gather(t1, pa, axis=1) + tl.gather(t2, pb, axis=1)
     cand = tl.where(p_mask[None, :], cand, _NEG_INF)
-    cand_slot = tl.gather(i1, pa2, axis=1).to(tl.int64) * n_keys + tl.gather(i2, pb2, axis=1)
+    out_s, pick = _unpack(tl.topk(_pack(cand, pcol[None, :]), KP))  # (BLOCK_N, KP)
+    out_pa = tl.gather(pa, pick, axis=1)
+    out_pb = tl.gather(pb, pick, axis=1)
+    out_slot = tl.gather(i1, out_pa, axis=1).to(tl.int64) * n_keys + tl.gather(i2, out_pb, axis=1)
 
     kcol = tl.arange(0, KP)
-    out_s = tl.zeros((BLOCK_N, KP), tl.float32)
-    out_slot = tl.zeros((BLOCK_N, KP), tl.int64)
-    out_pa = tl.zeros((BLOCK_N, KP), tl.int32)
-    out_pb = tl.zeros((BLOCK_N, KP), tl.int32)
-    for j in range(K):
-        m, am = tl.max(cand, axis=1, return_indices=True)
-        sel = pcol[None, :] == am[:, None]
-        put = kcol[None, :] == j
-        out_s = tl.where(put, m[:, None], out_s)
-        out_slot = tl.where(put, tl.sum(tl.where(sel, cand_slot, 0), axis=1)[:, None], out_slot)
-        if SAVE_FOR_BACKWARD:
-            out_pa = tl.where(put, tl.sum(tl.where(sel, pa2, 0), axis=1)[:, None], out_pa)
-            out_pb = tl.where(put, tl.sum(tl.where(sel, pb2, 0), axis=1)[:, None], out_pb)
-        cand = tl.where(sel, _NEG_INF, cand)
-
     out_off = (rows[:, None] * H + h) * K + kcol[None, :]
     out_mask = row_mask[:, None] & (kcol[None, :] < K)
     tl.store(scores_ptr + out_off, out_s.to(scores_ptr.dtype.element_ty), mask=out_mask)
@@ -243,6 +274,8 @@ def product_key_topk_forward(
     block_n: int | None = None,
     block_c: int = 128,
     num_warps: int | None = None,
+    cap: int | None = None,
+    num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -270,19 +303,23 @@ def product_key_topk_forward(
     pair_a, pair_b = _candidate_pairs(topk, device)
     if block_n is None:
         block_n = 64 if N >= 64 * 132 else 32 if N >= 1024 else 16
+        block_c = min(block_c, 64) if block_n >= 64 else block_c  # shared memory
     grid = (triton.cdiv(N, block_n), H)
+    kp = _next_pow2(topk, 16)  # the sort networks need powers of two
+    cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
+    scratch = torch.empty(H, 2, N, cap, dtype=torch.int64, device=device)
     _product_key_topk_kernel[grid](
         q1, q2, keys1, keys2, pair_a, pair_b, scores, slots,
         half_idx if save_for_backward else slots, pair_rank if save_for_backward else slots,
-        N, H, n_keys, half, pair_a.numel(),
+        scratch, N, H, n_keys, half, pair_a.numel(),
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
         # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
-        K=topk, KP=_next_pow2(topk, 16), CP=_next_pow2(pair_a.numel(), 16),
+        K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), CAP=cap,
         HALF_P2=_next_pow2(half, 16), BLOCK_N=block_n,
-        BLOCK_C=min(block_c, _next_pow2(n_keys, 16)),
+        BLOCK_C=max(kp, min(block_c, _next_pow2(n_keys, 16))),
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, SAVE_FOR_BACKWARD=save_for_backward,
-        num_warps=num_warps or (8 if block_n >= 64 else 4),
+        num_warps=num_warps or (8 if block_n >= 64 else 4), num_stages=num_stages,
     )  # fmt: skip
     return scores, slots, half_idx, pair_rank
 
