@@ -50,7 +50,7 @@ class DemoRecipe:
     # before the dense layers can memorise them (the zeroed-table check in the report). The
     # time budget keeps `train-demo` within five minutes on a busy two-core machine.
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, lr=2e-3, values_lr=3.0, time_budget_s=240)
+        default_factory=lambda: TrainConfig(steps=4000, lr=2e-3, values_lr=3.0, time_budget_s=210)
     )
     prompt_weight: float = 0.1  # loss weight of prompt tokens relative to answer tokens
 

@@ -29,12 +29,15 @@ from memslot.model.transformer import MemoryTransformer
 
 @dataclass
 class EditConfig:
-    rows_per_fact: int = 32  # rows optimised per fact (per passage token for passages)
+    rows_per_fact: int = 48  # rows optimised per fact (per passage token for passages)
     ranking: str = "tfidf"  # "tfidf" (sparse memory fine-tuning) or "all": every slot read
     steps: int = 60  # optimisation budget per edit
     lr: float = 0.1  # Adam step, relative to the table's RMS value
-    margin: float = 2.0  # required logit lead of each target token over the runner-up
+    margin: float = 4.0  # required logit lead of each target token over the runner-up
     locality_weight: float = 0.0  # L2 pull of edited rows towards their old values
+    # Slots each memory head reads while editing; more than the model's top-k also trains the
+    # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
+    read_topk: int = 12
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
     def validate(self) -> None:
@@ -42,6 +45,8 @@ class EditConfig:
             raise EditError(f"rows_per_fact must be >= 1, got {self.rows_per_fact}")
         if self.ranking not in ("tfidf", "all"):
             raise EditError(f"ranking must be 'tfidf' or 'all', got {self.ranking!r}")
+        if self.read_topk < 0:
+            raise EditError(f"read_topk must be >= 0 (0 = the model's top-k), got {self.read_topk}")
         if self.steps < 1:
             raise EditError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
@@ -197,9 +202,14 @@ class Editor:
         model = self.model
         table = (model.memory_values if table is None else table).detach()
         inputs, labels, mask = self._batch(items)
+        wide = min(cfg.read_topk, model.cfg.memory.n_keys) or None
+        if wide is not None and wide <= model.cfg.memory.topk:
+            wide = None
         with torch.no_grad():
             out = model(inputs, values=table)
             ce0, logp0, margin0 = self._scores(out.logits, labels, mask)
+            if wide:
+                out = model(inputs, values=table, memory_topk=wide)  # rank what the wide read sees
         reports = [
             FactReport(
                 it.prompt,
@@ -247,10 +257,15 @@ class Editor:
                 patched = table.index_put((slots,), rows)
                 logits = model(sub_inputs, values=patched).logits
                 ce, _, margin = self._scores(logits, sub_labels, sub_mask)
+                loss = ce.sum()
+                if wide:
+                    wide_logits = model(sub_inputs, values=patched, memory_topk=wide).logits
+                    wide_ce, _, wide_margin = self._scores(wide_logits, sub_labels, sub_mask)
+                    margin = torch.minimum(margin, wide_margin)
+                    loss = loss + wide_ce.sum()
                 if bool((margin >= cfg.margin).all()):
                     steps -= 1
                     break
-                loss = ce.sum()
                 if cfg.locality_weight:
                     loss = loss + cfg.locality_weight * (rows - rows0).pow(2).sum() / scale**2
                 optimizer.zero_grad(set_to_none=True)

@@ -49,9 +49,13 @@ class ProductKeyMemory(nn.Module):
         self.gate = nn.Linear(d_model, value_dim, bias=False)
         self.out = nn.Linear(value_dim, d_model, bias=False)
 
-    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots and softmax weights read for each token: ((N, H, k) int64, (N, H, k) fp32)."""
+    def lookup(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots and softmax weights read for each token: ((N, H, k) int64, (N, H, k) fp32).
+
+        ``topk`` overrides the configured k (the editor reads wider than the model serves).
+        """
         cfg = self.cfg
+        topk = topk or cfg.topk
         q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
         q1, q2 = q.chunk(2, dim=-1)  # (N, H, k_dim/2) each
         keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
@@ -59,15 +63,19 @@ class ProductKeyMemory(nn.Module):
             q1 = rms_normalise(q1) * self.query_norm_weight[0]
             q2 = rms_normalise(q2) * self.query_norm_weight[1]
             keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
-        scores, slots = kernels.product_key_topk(q1, q2, keys1, keys2, cfg.topk)  # (N, H, k)
+        scores, slots = kernels.product_key_topk(q1, q2, keys1, keys2, topk)  # (N, H, k)
         weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
         return slots, weights
 
     def forward(
-        self, x: torch.Tensor, values: torch.Tensor, sparse_grad: bool = False
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        sparse_grad: bool = False,
+        topk: int | None = None,
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
-        slots, weights = self.lookup(x)  # (N, H, k)
+        slots, weights = self.lookup(x, topk)  # (N, H, k)
         bag = kernels.embedding_bag(
             values, slots.flatten(1), weights.flatten(1), sparse_grad
         )  # (N, Dv) fp32

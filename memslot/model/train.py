@@ -88,10 +88,14 @@ def weighted_loss(
     return (per_token * weights).sum() / weights.sum().clamp_min(1e-9)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10%. With a time budget, progress is whichever is
+    further along, steps or seconds, so a run cut short by a slow machine still anneals."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_budget_s:
+        progress = max(progress, elapsed_s / cfg.time_budget_s)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -124,7 +128,7 @@ def train(
             order += fresh
         batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
         inputs, targets, weights = collate(seqs, batch, pad_id, device)
-        factor = lr_factor(step, cfg)
+        factor = lr_factor(step, cfg, time.perf_counter() - start)
         for group in opt_dense.param_groups:
             group["lr"] = cfg.lr * factor
         for group in opt_values.param_groups:

@@ -111,11 +111,11 @@ class Block(nn.Module):
             self.ffn = None  # an attention-only block
 
     def forward(
-        self, x, cos, sin, values, cache, sparse_grad
+        self, x, cos, sin, values, cache, sparse_grad, topk=None
     ) -> tuple[torch.Tensor, Lookup | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.index)
         if self.is_memory:
-            y, lookup = self.ffn(self.ffn_norm(x), values, sparse_grad)
+            y, lookup = self.ffn(self.ffn_norm(x), values, sparse_grad, topk)
             return x + y, lookup
         if self.ffn is None:
             return x, None
@@ -166,8 +166,10 @@ class MemoryTransformer(nn.Module):
         cache: KVCache | None = None,
         values: torch.Tensor | None = None,
         sparse_grad: bool = False,
+        memory_topk: int | None = None,
     ) -> ModelOutput:
-        """tokens: (B, T) int64. ``values`` overrides the table (the editor passes a patched one)."""
+        """tokens: (B, T) int64. ``values`` overrides the table (the editor passes a patched one);
+        ``memory_topk`` overrides how many slots each memory head reads."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -181,7 +183,7 @@ class MemoryTransformer(nn.Module):
         x = self.embed(tokens)  # (B, T, C)
         lookups = []
         for block in self.blocks:
-            x, lookup = block(x, cos, sin, table, cache, sparse_grad)
+            x, lookup = block(x, cos, sin, table, cache, sparse_grad, memory_topk)
             if lookup is not None:
                 lookups.append(lookup)
         if cache is not None:
