@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,gpu]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -33,6 +33,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed $(MODEL_DIR)/config.json
+	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/service.py
 
