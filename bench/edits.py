@@ -174,7 +174,7 @@ def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pair
     para_pairs = [(p, c.fact.answer) for c in cases for p in c.paraphrases]
     general = exact_match(model, tok, para_pairs)
     after_local = exact_match(model, tok, locality_pairs)
-    kept = [a == b for a, b in zip(before_local, after_local, strict=True) if b]
+    kept = [b for a, b in zip(before_local, after_local, strict=True) if a]  # known before
     lat = sorted(latencies)
     return {
         "reliability": statistics.mean(reliable),
