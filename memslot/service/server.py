@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -47,6 +48,10 @@ from memslot.proto.memslot.v1 import memslot_pb2 as pb
 from memslot.proto.memslot.v1 import memslot_pb2_grpc as pb_grpc
 from memslot.service.auth import Role, TokenAuth, check_listen_address
 from memslot.service.client import DEFAULT_MAX_MESSAGE_BYTES, tensor_from_proto, tensor_to_proto
+
+if TYPE_CHECKING:
+    from memslot.edit import FactReport
+
 from memslot.service.engine import (
     DeadlineExpiredError,
     Engine,
@@ -713,9 +718,7 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
             self._commits.notify_all()
 
 
-def _fact_report(report) -> pb.FactReport:
-    written = report.slots_written  # the editor's ranked slots (or a count)
-    slots = [getattr(s, "slot", s) for s in written] if isinstance(written, list) else []
+def _fact_report(report: FactReport) -> pb.FactReport:
     return pb.FactReport(
         prompt=report.prompt,
         target=report.target,
@@ -725,10 +728,10 @@ def _fact_report(report) -> pb.FactReport:
         loss_before=report.loss_before,
         loss_after=report.loss_after,
         steps=report.steps,
-        slots_written=len(slots) if isinstance(written, list) else int(written),
+        slots_written=len(report.slots_written),
         message=report.message,
-        already_known=getattr(report, "already_known", False),
-        slots=slots,
+        already_known=report.already_known,
+        slots=[s.slot for s in report.slots_written],
     )
 
 
