@@ -34,7 +34,7 @@ class EditConfig:
     steps: int = 60  # optimisation budget per edit
     lr: float = 0.1  # Adam step, relative to the table's RMS value
     margin: float = 4.0  # required logit lead of each target token over the runner-up
-    locality_weight: float = 0.0  # L2 pull of edited rows towards their old values
+    locality_weight: float = 1.0  # pull of edited rows towards their old values (mean square)
     # Slots each memory head reads while editing; more than the model's top-k also trains the
     # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
     read_topk: int = 12
@@ -267,7 +267,7 @@ class Editor:
                     steps -= 1
                     break
                 if cfg.locality_weight:
-                    loss = loss + cfg.locality_weight * (rows - rows0).pow(2).sum() / scale**2
+                    loss = loss + cfg.locality_weight * (rows - rows0).pow(2).mean() / scale**2
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
