@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import serverproc
 from click.testing import CliRunner
 
 from memslot.cli.main import cli
@@ -27,45 +25,12 @@ EDITOR = "cli-editor-token-0123"
 READER = "cli-reader-token-0123"
 
 
-class CliServer:
-    """`memslot serve` on a free loopback port; start() waits for its "serving" line."""
+class CliServer(serverproc.ServerProcess):
+    """The `memslot` executable serving ``model_dir`` with a store and log in ``folder``."""
 
     def __init__(self, model_dir: Path, folder: Path, *extra: str) -> None:
-        self.args = [MEMSLOT, "serve", "--model", str(model_dir), "--store", str(folder / "store")]
-        self.args += ["--port", "0", "--device", "cpu", *extra]
-        self.log_path = folder / "server.log"
-        self.address = ""
-
-    def start(self, timeout: float = 120) -> CliServer:
-        self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=self._log, text=True
-        )
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=lambda: [lines.put(line) for line in self.process.stdout], daemon=True
-        ).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if "memslot serving" in line:
-                self.address = "127.0.0.1:" + line.split(" on 127.0.0.1:")[1].split()[0]
-                return self
-        self.stop()
-        raise AssertionError(f"server did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-        self._log.close()
+        store, log = folder / "store", folder / "server.log"
+        super().__init__([MEMSLOT], model_dir, store, log, *extra, startup_seconds=120)
 
 
 def run_memslot(*args: str, server: str, token: str | None = EDITOR, timeout: float = 300):

@@ -7,7 +7,6 @@ the TINY model. Tests that kill or stop a server start their own.
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import serverproc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -35,68 +35,13 @@ SERVE = [sys.executable, "-c", "import sys; from memslot.cli.main import cli; sy
 STARTUP_SECONDS = 90
 
 
-class ServerProcess:
-    """`memslot serve` in a subprocess; start() waits for its "serving" line."""
+class ServerProcess(serverproc.ServerProcess):
+    """The server run through this interpreter (no console script needed)."""
 
     def __init__(self, model_dir: Path, store_dir: Path, log_path: Path, *extra: str) -> None:
-        self.args = [
-            *SERVE,
-            "serve",
-            "--model",
-            str(model_dir),
-            "--store",
-            str(store_dir),
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-        self.address = ""
-        self.ready_line = ""
-
-    def start(self) -> ServerProcess:
-        self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=self._log, text=True
+        super().__init__(
+            SERVE, model_dir, store_dir, log_path, *extra, startup_seconds=STARTUP_SECONDS
         )
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=lambda: [lines.put(line) for line in self.process.stdout], daemon=True
-        ).start()
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if "memslot serving" in line:
-                self.ready_line = line.strip()
-                self.address = "127.0.0.1:" + line.split(" on 127.0.0.1:")[1].split()[0]
-                return self
-        self.stop()
-        raise AssertionError(f"server did not start; its log:\n{self.log_path.read_text()}")
-
-    def signal_and_wait(self, kill: bool, timeout: float = 60) -> int:
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-        self._log.close()
 
 
 def make_tls_files(folder: Path) -> tuple[Path, Path] | None:
