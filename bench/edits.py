@@ -23,7 +23,6 @@ Run:  python bench/edits.py [--model models/demo] [--t 1 10 100 1000] [--methods
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 
 from memslot.demo.corpus import PERSON_RELATIONS, Fact, prompts_for
 from memslot.demo.recipe import load_corpus
@@ -201,8 +201,7 @@ def main() -> None:
     random.Random(2).shuffle(local)
     locality_pairs = [(e.prompt, e.answer) for e in local[: args.locality_facts]]
     print(
-        f"# bench/edits.py on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, model {args.model}"
+        f"# bench/edits.py on {cpu_model()}, {torch.get_num_threads()} threads, model {args.model}"
     )
     print(
         f"# edits: half counterfactuals of known facts, half facts about unseen people; "

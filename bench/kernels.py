@@ -17,12 +17,12 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from machine import cpu_model
 
 from memslot.kernels import cuda as kernels_cuda
 from memslot.kernels import reference
@@ -329,9 +329,7 @@ def cpu_ms(fn, reps: int = 5) -> float:
 
 
 def cpu_bench(args) -> None:
-    print(
-        f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}; small shapes"
-    )
+    print(f"CPU {cpu_model()}, torch {torch.__version__}; small shapes")
     N, D, H, K, n_keys, KD = 512, 256, 4, 8, 64, 64
     g = torch.Generator().manual_seed(0)
     q1, q2 = (torch.randn(N, H, KD // 2, generator=g) for _ in range(2))

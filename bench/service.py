@@ -29,6 +29,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from memslot.memstore import Store
 from memslot.model.checkpoint import VALUES, load_values, save_model
@@ -50,16 +51,6 @@ def percentile(samples: list[float], q: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build_model(folder: Path, n_keys: int) -> Path:

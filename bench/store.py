@@ -20,6 +20,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from memslot.memstore import Store
 
@@ -27,16 +28,6 @@ from memslot.memstore import Store
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bench_commits(workdir: Path, n_slots: int, reps: int) -> tuple[list[list[str]], Store]:
