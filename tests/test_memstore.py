@@ -29,7 +29,15 @@ from memslot.memstore import (
     VersionNotFoundError,
 )
 from memslot.memstore.db import open_db
-from memslot.memstore.layout import COLUMN_FAMILIES, pack_u64, row_key
+from memslot.memstore.layout import (
+    COLUMN_FAMILIES,
+    as_bytes_view,
+    checksum_text,
+    pack_u64,
+    row_crcs,
+    row_key,
+    rows_checksum_text,
+)
 
 N_SLOTS, DIM = 37, 8  # odd sizes so the last base chunk is short
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +159,7 @@ def test_commit_writes_a_new_version_with_its_record(store, table):
         "edit",
         {"ticket": 7},
     )
-    assert version.checksum.startswith("crc32:")
+    assert version.checksum == rows_checksum_text(row_crcs(as_bytes_view(rows), DIM * 4))
     assert version.time.endswith("+00:00")  # UTC
     assert store.head == 1
     assert store.show(1) == version
@@ -406,6 +414,34 @@ def test_every_version_verifies_against_its_record(store):
     store.commit([1, 2], random_rows(2), expected_parent=0)
     for version in (0, 1):
         store.verify(version)
+
+
+def test_the_commit_checksum_covers_every_row_and_their_order(store):
+    rows = random_rows(3)
+    record = store.commit([4, 8, 9], rows, expected_parent=0)
+    row_bytes = DIM * 4
+    changed = rows.clone()
+    changed[2, 5] += 1.0
+    assert rows_checksum_text(row_crcs(as_bytes_view(changed), row_bytes)) != record.checksum
+    swapped = rows[[1, 0, 2]].contiguous()
+    assert rows_checksum_text(row_crcs(as_bytes_view(swapped), row_bytes)) != record.checksum
+
+
+def test_records_with_a_whole_commit_crc_still_verify(store):
+    # Records written before the commit checksum was derived from the row CRCs carry a CRC-32
+    # over all the rows' bytes; verify checks those too.
+    rows = random_rows(2)
+    record = store.commit([1, 2], rows, expected_parent=0)
+    store.close()
+    for checksum, should_verify in ((checksum_text(as_bytes_view(rows)), True), ("crc32:0", False)):
+        legacy = Version(**{**record.__dict__, "checksum": checksum})
+        overwrite_raw(store.path, "commits", pack_u64(1), legacy.to_bytes())
+        with Store.open(store.path) as reopened:
+            if should_verify:
+                reopened.verify(1)
+            else:
+                with pytest.raises(CorruptionError, match="version 1"):
+                    reopened.verify(1)
 
 
 def test_a_corrupted_commit_row_raises_corruption_error_not_wrong_numbers(store):

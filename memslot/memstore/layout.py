@@ -55,6 +55,7 @@ _ROW_KEY = struct.Struct(">QQ")
 _CRC = struct.Struct(">I")
 _SUM = struct.Struct(">Q")
 _MAX_U64 = (1 << 64) - 1
+ROWS_CHECKSUM_PREFIX = "crc32-rows:"
 
 
 # Exponent bits of each dtype: a value is NaN or Inf exactly when all of them are set. Testing
@@ -96,8 +97,42 @@ def parse_row_key(key: bytes) -> tuple[int, int]:
 
 
 def checksum_text(data: bytes | memoryview) -> str:
-    """The checksum a commit record carries: CRC-32 over its rows in commit order."""
+    """The checksum of version 0: CRC-32 over the whole table."""
     return f"crc32:{zlib.crc32(data):08x}"
+
+
+def rows_checksum_text(crcs: np.ndarray) -> str:
+    """The checksum a commit record carries: CRC-32 over its rows' CRC-32s (big-endian u32, in
+    commit order). It changes whenever any row does, and costs nothing beyond the per-row CRCs
+    that sealing the rows computes anyway (a second CRC over every row byte cost 0.5 ms per
+    1,000-row commit)."""
+    return f"{ROWS_CHECKSUM_PREFIX}{zlib.crc32(crcs.astype('>u4').tobytes()):08x}"
+
+
+def row_crcs(data: bytes | memoryview, row_bytes: int) -> np.ndarray:
+    """(n,) uint32: the CRC-32 of each row of a run of rows."""
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes)
+    return np.fromiter(map(zlib.crc32, rows), dtype=np.uint32, count=len(rows))
+
+
+def row_keys(slots: list[int], version: int) -> list[bytes]:
+    """The `rows` keys of `slots` at `version`, packed in one pass."""
+    keys = np.empty((len(slots), 2), dtype=">u8")
+    keys[:, 0] = slots
+    keys[:, 1] = _MAX_U64 - version
+    blob = keys.tobytes()
+    return [blob[i : i + _ROW_KEY.size] for i in range(0, len(blob), _ROW_KEY.size)]
+
+
+def seal_rows(data: bytes | memoryview, row_bytes: int) -> tuple[list[bytes], np.ndarray]:
+    """Sealed values of a run of rows (each [CRC-32][row bytes], as :func:`seal_row`) and the
+    CRCs, built with one copy of the rows instead of one concatenation per row."""
+    crcs = row_crcs(data, row_bytes)
+    sealed = np.empty((len(crcs), _CRC.size + row_bytes), dtype=np.uint8)
+    sealed[:, : _CRC.size] = crcs.astype(">u4").view(np.uint8).reshape(-1, _CRC.size)
+    sealed[:, _CRC.size :] = np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes)
+    blob, step = sealed.tobytes(), _CRC.size + row_bytes
+    return [blob[i : i + step] for i in range(0, len(blob), step)], crcs
 
 
 def as_bytes_view(table: torch.Tensor) -> memoryview:

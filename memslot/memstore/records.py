@@ -23,7 +23,7 @@ class Version:
     message: str
     kind: str  # "create", "write", "rollback", "import", ...
     slots: tuple[int, ...]  # slots written by this commit, in commit order; () for version 0
-    checksum: str  # "crc32:xxxxxxxx" over the rows written, in `slots` order
+    checksum: str  # "crc32-rows:xxxxxxxx" (CRC-32 of the row CRC-32s); "crc32:" for version 0
     meta: dict = field(default_factory=dict)  # caller's extra metadata; rollbacks add "target"
 
     def to_bytes(self) -> bytes:

@@ -55,6 +55,7 @@ from memslot.memstore.layout import (
     META_FORMAT,
     META_HEAD,
     META_OLDEST_READABLE,
+    ROWS_CHECKSUM_PREFIX,
     SUPPORTED_DTYPES,
     as_bytes_view,
     checksum_text,
@@ -65,9 +66,12 @@ from memslot.memstore.layout import (
     open_row,
     pack_u64,
     parse_row_key,
+    row_crcs,
     row_key,
+    row_keys,
+    rows_checksum_text,
     seal_chunk,
-    seal_row,
+    seal_rows,
     unpack_u64,
 )
 from memslot.memstore.records import Diff, Version, utc_now
@@ -268,14 +272,14 @@ class Store:
         meta: dict,
     ) -> Version:
         version = self._head + 1
-        row_bytes = self._row_bytes
-        data = as_bytes_view(rows)  # one buffer, sliced per row: no per-row tensor work
+        # Keys and sealed rows are built in bulk (numpy) and the record's checksum is derived
+        # from the row CRCs: Python-side work is ~1 ms of a 1,000-row commit, the rest is the
+        # synced write.
+        values, crcs = seal_rows(as_bytes_view(rows), self._row_bytes)
         batch = WriteBatch(raw_mode=True)
         cf_rows = self._cf_handle[CF_ROWS]
-        for i, slot in enumerate(slots):
-            batch.put(
-                row_key(slot, version), seal_row(data[i * row_bytes : (i + 1) * row_bytes]), cf_rows
-            )
+        for key, value in zip(row_keys(slots, version), values, strict=True):
+            batch.put(key, value, cf_rows)
         record = Version(
             version,
             self._head,
@@ -284,7 +288,7 @@ class Store:
             message,
             kind,
             tuple(slots),
-            checksum_text(data),
+            rows_checksum_text(crcs),
             meta,
         )
         batch.put(pack_u64(version), record.to_bytes(), self._cf_handle[CF_COMMITS])
@@ -434,9 +438,13 @@ class Store:
         record = self.show(read_version)
         if record.slots:
             data = as_bytes_view(self.read_rows(list(record.slots), read_version))
+            if record.checksum.startswith(ROWS_CHECKSUM_PREFIX):
+                actual = rows_checksum_text(row_crcs(data, self._row_bytes))
+            else:  # records written before per-row checksums were combined
+                actual = checksum_text(data)
         else:  # version 0 holds every slot
-            data = as_bytes_view(self.load_table(read_version))
-        if checksum_text(data) != record.checksum:
+            actual = checksum_text(as_bytes_view(self.load_table(read_version)))
+        if actual != record.checksum:
             raise CorruptionError(
                 f"version {read_version} does not match its checksum {record.checksum}: the "
                 "store is damaged. Restore it from a backup (Store.backup)."
@@ -726,14 +734,16 @@ class Store:
                     f"{slots.dtype} array."
                 )
             slot_list = slots.tolist()
+        elif isinstance(slots, list) and set(map(type, slots)) <= {int}:
+            slot_list = list(slots)  # plain ints: nothing to convert (the common case)
         else:
             try:
                 slot_list = [_as_slot(slot) for slot in slots]
             except TypeError as exc:
                 raise ValidationError(f"slots must be ints: {exc}") from None
         n_slots = self._shape[0]
-        bad = [slot for slot in slot_list if not 0 <= slot < n_slots]
-        if bad:
+        if slot_list and (min(slot_list) < 0 or max(slot_list) >= n_slots):
+            bad = [slot for slot in slot_list if not 0 <= slot < n_slots]
             raise ValidationError(
                 f"slot {bad[0]} is out of range: this store has slots 0..{n_slots - 1} "
                 f"({len(bad)} slot(s) out of range)."
