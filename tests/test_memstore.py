@@ -473,6 +473,44 @@ def test_a_corrupted_base_chunk_raises_corruption_error(store):
         assert damaged.read_rows([6]).shape == (1, DIM)  # its own row checksum still holds
 
 
+def flip_a_bit_on_disk(store_path: Path, needle: bytes) -> None:
+    """Flush the store to SST files, then flip one bit of `needle` where it lies on disk."""
+    db = open_db(store_path)
+    try:
+        for name in COLUMN_FAMILIES:
+            db.get_column_family(name).flush()
+    finally:
+        db.close()
+    for path in sorted((store_path / "db").glob("*.sst")):
+        data = bytearray(path.read_bytes())
+        at = data.find(needle)
+        if at >= 0:
+            data[at + len(needle) // 2] ^= 0x10
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError("the row bytes were not found in any SST file")
+
+
+@pytest.mark.parametrize("where", ["base", "commit"])
+def test_bit_rot_in_the_files_on_disk_is_a_corruption_error_on_every_read(store, table, where):
+    rows = random_rows(1)
+    store.commit([11], rows, expected_parent=0)
+    store.close()
+    damaged_slot, needle = (9, table[9]) if where == "base" else (11, rows[0])
+    flip_a_bit_on_disk(store.path, needle.numpy().tobytes())
+    with Store.open(store.path) as damaged:
+        with pytest.raises(CorruptionError):
+            damaged.load_table()
+        with pytest.raises(CorruptionError):
+            damaged.read_rows([damaged_slot])
+        with pytest.raises(CorruptionError):
+            damaged.verify(0 if where == "base" else 1)
+        if where == "commit":  # a compaction must not mistake a damaged block for the end
+            with pytest.raises(CorruptionError):
+                damaged.compact(1)
+            assert (damaged.head, damaged.oldest_readable) == (1, 0)
+
+
 # ------------------------------------------------------------------------- backup and export
 
 
