@@ -90,17 +90,26 @@ class Method:
 class Memslot(Method):
     name = "memslot"
     ranking = "tfidf"
+    rehearse = True  # earlier edits that read the rows being changed are kept answering
 
     def __init__(self, model_dir: str):
         super().__init__(model_dir)
         usage, tokens = load_slot_usage(model_dir)
         cfg = EditConfig(ranking=self.ranking)
         self.editor = Editor(self.model, self.tok, usage, cfg, usage_tokens=tokens)
+        self.taught: list[tuple[str, str]] = []
 
     def edit(self, prompt: str, target: str) -> None:
-        result = self.editor.edit_facts([(prompt, target)], force=True)
+        keep = self.taught if self.rehearse else None
+        result = self.editor.edit_facts([(prompt, target)], force=True, keep=keep)
         if result.success:
             self.model.memory_values.data[result.slots] = result.rows
+            self.taught.append((prompt, target))
+
+
+class MemslotNoRehearsal(Memslot):
+    name = "memslot-no-keep"
+    rehearse = False
 
 
 class AllSlots(Memslot):
@@ -157,7 +166,7 @@ class Full(WeightFinetune):
         return [p for n, p in self.model.named_parameters() if n != "memory_values"]
 
 
-METHODS = {m.name: m for m in (Memslot, AllSlots, FFNLayer, Full)}
+METHODS = {m.name: m for m in (Memslot, MemslotNoRehearsal, AllSlots, FFNLayer, Full)}
 
 
 def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pairs) -> dict:

@@ -45,6 +45,38 @@ def test_after_an_edit_the_model_answers_the_new_target(tiny):
     assert generate(model, tok, prompt).text == target
 
 
+def test_earlier_facts_that_read_the_changed_rows_are_rehearsed_and_keep_their_answers(tiny):
+    model, tok, editor, corpus = tiny
+    # Two facts about one person the model has never seen read largely the same slots.
+    person = corpus.reserved_names[0]
+    first = (f"{person} was born in", corpus.answers_for("birth_city")[0])
+    second = (f"{person} works for", corpus.answers_for("employer")[0])
+    result = editor.edit_facts([first], force=True)
+    assert result.success and result.rehearsed == 0
+    apply(model, result)
+    result = editor.edit_facts([second], force=True, keep=[first])
+    assert result.success, result.reports
+    assert result.rehearsed == 1
+    apply(model, result)
+    assert generate(model, tok, first[0]).text == first[1]
+    assert generate(model, tok, second[0]).text == second[1]
+
+
+def test_an_edit_that_would_undo_a_kept_fact_writes_nothing(tiny):
+    model, tok, editor, corpus = tiny
+    prompt = f"{corpus.reserved_names[1]} was born in"
+    cities = corpus.answers_for("birth_city")
+    result = editor.edit_facts([(prompt, cities[0])], force=True)
+    assert result.success
+    apply(model, result)
+    before = model.memory_values.detach().clone()
+    result = editor.edit_facts([(prompt, cities[1])], force=True, keep=[(prompt, cities[0])])
+    assert not result.success and result.rehearsed == 1
+    assert "earlier edit" in result.reports[0].message
+    assert torch.equal(model.memory_values, before)
+    assert generate(model, tok, prompt).text == cities[0]
+
+
 def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):
     model, tok, editor, corpus = tiny
     before = model.memory_values.detach().clone()

@@ -6,6 +6,7 @@ import torch
 from memslot.model.checkpoint import load_model, save_model
 from memslot.model.config import ConfigError, MemoryConfig, ModelConfig
 from memslot.model.generate import generate
+from memslot.model.memory import PatchedValues
 from memslot.model.train import exact_match
 from memslot.model.transformer import MemoryTransformer, PromptTooLongError
 
@@ -137,6 +138,29 @@ def test_lookup_reports_exactly_the_rows_the_output_depends_on():
     patched = model.memory_values.detach().clone()
     patched[reported] += 10.0
     assert not torch.allclose(model(tokens, values=patched).logits, out.logits)
+
+
+def test_patched_values_read_and_differentiate_like_a_patched_copy_of_the_table():
+    # The editor reads a few replaced rows through PatchedValues instead of copying the table.
+    model = random_model(seed=3, layers=(0, 1))  # two memory layers: reads chain through both
+    tokens = torch.tensor([[5, 9, 13, 2, 7, 7], [1, 4, 4, 8, 30, 11]])
+    read = sorted(set(model(tokens).lookups[0].slots.flatten().tolist()))
+    slots = torch.tensor(read[::2] + [model.cfg.memory.n_slots - 1])  # read and unread rows
+    table = model.memory_values.detach()
+    new_rows = torch.randn(len(slots), table.shape[1], generator=torch.Generator().manual_seed(4))
+
+    rows_copy = new_rows.clone().requires_grad_(True)
+    with torch.enable_grad():
+        expected = model(tokens, values=table.index_put((slots,), rows_copy)).logits
+        expected.pow(2).sum().backward()
+    rows = new_rows.clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(tokens, values=PatchedValues(table, slots, rows)).logits
+        logits.pow(2).sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.grad, rows_copy.grad, rtol=1e-4, atol=1e-5)
+    assert rows.grad[:-1].abs().sum() > 0  # read rows get gradients
+    assert table.grad is None
 
 
 def test_lookup_slots_match_the_layer_lookup_method():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from memslot.edit.ranking import RankedSlot, idf_weights, rank_slots
 from memslot.edit.write import EditError
+from memslot.model.memory import PatchedValues
 from memslot.model.tokenizer import Tokenizer
 from memslot.model.transformer import MemoryTransformer
 
@@ -38,6 +39,7 @@ class EditConfig:
     # Slots each memory head reads while editing; more than the model's top-k also trains the
     # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
     read_topk: int = 12
+    keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
     def validate(self) -> None:
@@ -76,6 +78,7 @@ class EditResult:
     reports: list[FactReport]
     steps: int
     seconds: float
+    rehearsed: int = 0  # earlier facts (``keep``) that read these rows and were kept answering
 
 
 @dataclass
@@ -103,6 +106,10 @@ class Editor:
         self.config = config or EditConfig()
         self.config.validate()
         self.idf = None
+        # Per kept fact, the slots it reads at its target positions. Valid while the reads do
+        # not depend on the value table, i.e. when the model has a single memory layer.
+        self._reads: dict[tuple[str, str], torch.Tensor] = {}
+        self._scale: tuple[tuple, float] | None = None  # (which table, its RMS)
         if usage is not None:
             mem = model.cfg.memory
             tokens = usage_tokens or int(usage.sum()) // (len(mem.layers) * mem.heads * mem.topk)
@@ -111,14 +118,27 @@ class Editor:
     # ---- public API -------------------------------------------------------------------------
 
     def edit_facts(
-        self, facts: list[tuple[str, str]], force: bool = False, table: torch.Tensor | None = None
+        self,
+        facts: list[tuple[str, str]],
+        force: bool = False,
+        table: torch.Tensor | None = None,
+        keep: list[tuple[str, str]] | None = None,
     ) -> EditResult:
-        """Teach (prompt, target) facts. ``force`` edits facts the model already answers."""
+        """Teach (prompt, target) facts. ``force`` edits facts the model already answers.
+
+        ``keep``: facts taught by earlier edits. Those among them that read a row this edit
+        changes are optimised along with it, so that they keep their answers (rehearsal).
+        """
         if not facts:
             raise EditError("no facts given: pass at least one (prompt, target) pair")
+        items = self._fact_items(facts)
+        kept = self._fact_items(keep, what="kept fact") if keep else []
+        return self._edit(items, force, table, kept)
+
+    def _fact_items(self, facts: list[tuple[str, str]], what: str = "fact") -> list[_Item]:
         items = []
         for i, (prompt, target) in enumerate(facts):
-            where = f"fact {i + 1}" if len(facts) > 1 else "the fact"
+            where = f"{what} {i + 1}" if len(facts) > 1 or what != "fact" else "the fact"
             prompt, target = (prompt or "").strip(), (target or "").strip()
             if not prompt:
                 raise EditError(f"{where} has an empty prompt: give the text that asks the fact")
@@ -132,7 +152,7 @@ class Editor:
             self._check_tokens(ids, where)
             positions = list(range(len(head) - 1, len(ids) - 1))
             items.append(_Item(prompt, target, ids, positions, self.config.rows_per_fact))
-        return self._edit(items, force, table)
+        return items
 
     def edit_passages(self, passages: list[str], table: torch.Tensor | None = None) -> EditResult:
         """Teach free text: every token after the first is a target."""
@@ -196,7 +216,40 @@ class Editor:
         margin = torch.where(mask, target_logit - others, torch.full_like(target_logit, math.inf))
         return ce, logp.sum(1), margin.amin(1)
 
-    def _edit(self, items: list[_Item], force: bool, table: torch.Tensor | None) -> EditResult:
+    def _readers(
+        self, kept: list[_Item], table: torch.Tensor, slots: torch.Tensor, topk: int | None
+    ) -> list[_Item]:
+        """The kept facts that read any of ``slots`` at a position predicting their target."""
+        cacheable = len(self.model.cfg.memory.layers) == 1
+        missing = [it for it in kept if not cacheable or (it.prompt, it.target) not in self._reads]
+        reads = {} if not cacheable else self._reads
+        for start in range(0, len(missing), 256):
+            batch = missing[start : start + 256]
+            inputs, _, mask = self._batch(batch)
+            with torch.no_grad():
+                lookups = self.model(inputs, values=table, memory_topk=topk).lookups
+            for row, it in enumerate(batch):
+                read = torch.cat([lk.slots[row][mask[row]].flatten() for lk in lookups])
+                reads[(it.prompt, it.target)] = read.unique()
+        chosen = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+        chosen[slots] = True
+        return [it for it in kept if bool(chosen[reads[(it.prompt, it.target)]].any())]
+
+    def _table_scale(self, table: torch.Tensor) -> float:
+        """The RMS of the table's values: the unit of the optimiser's steps. Computed once per
+        table (an edit changes a few rows, which barely moves it), not once per edit."""
+        which = (table.data_ptr(), tuple(table.shape), table.device)
+        if self._scale is None or self._scale[0] != which:
+            self._scale = (which, float(table.float().pow(2).mean().sqrt()) or 1.0)
+        return self._scale[1]
+
+    def _edit(
+        self,
+        items: list[_Item],
+        force: bool,
+        table: torch.Tensor | None,
+        kept: list[_Item] | None = None,
+    ) -> EditResult:
         started = time.perf_counter()
         cfg = self.config
         model = self.model
@@ -244,17 +297,23 @@ class Editor:
             reports[i].slots_written = ranked
             chosen.update(r.slot for r in ranked)
         slots = torch.tensor(sorted(chosen), dtype=torch.long, device=table.device)
+        readers = self._readers(kept, table, slots, wide) if kept else []
 
         rows0 = table[slots].clone()
         rows = rows0.clone().requires_grad_(True)
-        scale = float(table.float().pow(2).mean().sqrt()) or 1.0
+        scale = self._table_scale(table)
         optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
         sub = torch.tensor(todo, device=inputs.device)
         sub_inputs, sub_labels, sub_mask = inputs[sub], labels[sub], mask[sub]
+        n_new = len(todo)
+        if readers:  # rehearse the earlier facts that read these rows, in the same batch
+            sub_inputs, sub_labels, sub_mask = self._batch([items[i] for i in todo] + readers)
+        need = torch.full((len(sub_inputs),), cfg.margin, device=sub_inputs.device)
+        need[n_new:] = cfg.keep_margin
         steps = 0
         with torch.enable_grad():
             for steps in range(1, cfg.steps + 1):
-                patched = table.index_put((slots,), rows)
+                patched = PatchedValues(table, slots, rows)
                 logits = model(sub_inputs, values=patched).logits
                 ce, _, margin = self._scores(logits, sub_labels, sub_mask)
                 loss = ce.sum()
@@ -263,7 +322,7 @@ class Editor:
                     wide_ce, _, wide_margin = self._scores(wide_logits, sub_labels, sub_mask)
                     margin = torch.minimum(margin, wide_margin)
                     loss = loss + wide_ce.sum()
-                if bool((margin >= cfg.margin).all()):
+                if bool((margin >= need).all()):
                     steps -= 1
                     break
                 if cfg.locality_weight:
@@ -287,7 +346,18 @@ class Editor:
                 "learned"
                 if r.success
                 else f"not learned within {cfg.steps} steps (raise steps, lr or rows_per_fact)"
+                if not readers
+                else f"not learned within {cfg.steps} steps while keeping {len(readers)} earlier "
+                "edit's fact(s) that read the same rows answering (a fact it contradicts?)"
             )
+        kept_ok = bool((margin1[n_new:] > 0).all()) if readers else True
+        if not kept_ok:
+            for i in todo:
+                reports[i].success = False
+                reports[i].message = (
+                    "learned, but an earlier edit's fact would lose its answer; nothing written "
+                    "(raise steps or rows_per_fact)"
+                )
         success = all(r.success for r in reports)
         return EditResult(
             success,
@@ -296,4 +366,5 @@ class Editor:
             reports,
             steps,
             time.perf_counter() - started,
+            len(readers),
         )

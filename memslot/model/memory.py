@@ -32,6 +32,32 @@ class Lookup:
     weights: torch.Tensor
 
 
+@dataclass
+class PatchedValues:
+    """A value table with the rows of ``slots`` (sorted, unique) replaced by ``rows``.
+
+    The editor optimises a few rows of a large table: reading through this object gives the
+    same bags as ``table.index_put((slots,), rows)`` while copying and differentiating nothing
+    of the table's size. Each bag is the table's bag plus a correction from the replaced rows,
+    and gradients reach ``rows`` (and the lookup weights, as through a patched copy), never the
+    table.
+    """
+
+    table: torch.Tensor  # (n_slots, Dv), not differentiated
+    slots: torch.Tensor  # (M,) int64, sorted, unique
+    rows: torch.Tensor  # (M, Dv)
+
+    def bag(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        base = kernels.embedding_bag(self.table.detach(), slots, weights, False)
+        at = torch.searchsorted(self.slots, slots).clamp_max(len(self.slots) - 1)
+        hit = self.slots[at] == slots
+        delta = self.rows.float() - self.table[self.slots].detach().float()
+        correction = kernels.embedding_bag(
+            delta, torch.where(hit, at, 0), weights * hit, False
+        )
+        return base + correction
+
+
 def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -70,15 +96,18 @@ class ProductKeyMemory(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        values: torch.Tensor,
+        values: torch.Tensor | PatchedValues,
         sparse_grad: bool = False,
         topk: int | None = None,
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
         slots, weights = self.lookup(x, topk)  # (N, H, k)
-        bag = kernels.embedding_bag(
-            values, slots.flatten(1), weights.flatten(1), sparse_grad
-        )  # (N, Dv) fp32
+        if isinstance(values, PatchedValues):
+            bag = values.bag(slots.flatten(1), weights.flatten(1))  # (N, Dv) fp32
+        else:
+            bag = kernels.embedding_bag(
+                values, slots.flatten(1), weights.flatten(1), sparse_grad
+            )  # (N, Dv) fp32
         memory = bag.to(x.dtype).view(B, T, -1)  # (B, T, Dv)
         y = self.out(F.silu(self.gate(x)) * memory)  # (B, T, D)
         hk = slots.shape[1:]
