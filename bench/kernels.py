@@ -69,6 +69,46 @@ def bench_ms(fn, rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
 
 
+# (block_n, block_c, num_warps, num_stages, bisection steps for the bound (0: a sort))
+TOPK_KEYS = ("block_n", "block_c", "num_warps", "num_stages", "bisect")
+TOPK_VARIANTS = [
+    dict(zip(TOPK_KEYS, v, strict=True))
+    for v in [
+        (64, 64, 4, 2, 12),
+        (64, 64, 4, 3, 12),
+        (64, 64, 4, 1, 12),
+        (64, 64, 8, 2, 12),
+        (128, 64, 8, 3, 12),
+        (64, 128, 8, 2, 12),
+        (64, 128, 4, 1, 12),
+        (32, 128, 4, 2, 12),
+        (64, 64, 4, 2, 0),
+    ]
+] + [  # the stages of the half kernel: pass one only, passes one and two
+    dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop) for stop in (1, 2)
+]
+ROWS_VARIANTS = [
+    dict(block_p=p, block_d=d, num_warps=w)
+    for p, d, w in [(1, 1024, 4), (1, 512, 4), (1, 256, 2), (2, 1024, 4), (4, 1024, 4)]
+]
+
+
+def tile_sweep(what: str, fn, variants: list[dict]) -> dict:
+    """Time fn(**variant) for each variant; a variant that does not compile is reported."""
+    times = {}
+    for v in variants:
+        label = " ".join(f"{k}={x}" for k, x in v.items())
+        try:
+            times[label] = bench_ms(lambda v=v: fn(**v), 100)
+        except Exception as e:  # a shape that does not compile must not stop the run
+            print(f"    {what} {label} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        print(f"    {what} {label}: {times[label]:.3f} ms", flush=True)
+    if times:
+        print(f"    best {what}: {min(times, key=times.get)}", flush=True)
+    return times
+
+
 def copy_rate(device) -> tuple[float, float]:
     src = torch.randn(2**30 // 2, device=device, dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
@@ -76,7 +116,7 @@ def copy_rate(device) -> tuple[float, float]:
     return 2 * src.numel() * 2 / ms / 1e9, ms  # bytes read + written, TB/s
 
 
-def bench_topk(n_keys, N, H, K, half, dev, dt) -> None:
+def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
     from memslot.kernels import triton_topk
 
     g = torch.Generator(device=dev).manual_seed(n_keys)
@@ -88,32 +128,36 @@ def bench_topk(n_keys, N, H, K, half, dev, dt) -> None:
     same = (sl.sort(-1).values == wsl.sort(-1).values).float().mean().item()
     print(f"  topk n_keys={n_keys}: score rel err {rel_err(s, ws):.2e}, slots equal {same:.4f}")
     check(rel_err(s, ws) < 1e-2, f"fused top-k scores vs fp32 reference, n_keys {n_keys}")
-    variants = {}
-    for bn, bc, nw, ns in [
-        (64, 64, 8, 2),
-        (64, 64, 8, 3),
-        (64, 128, 8, 1),
-        (32, 64, 4, 2),
-        (128, 64, 8, 2),
-        (64, 64, 4, 2),
-    ]:
-        try:
-            variants[(bn, bc, nw, ns)] = bench_ms(
-                lambda bn=bn, bc=bc, nw=nw, ns=ns: triton_topk.product_key_topk_forward(
-                    q1, q2, k1, k2, K, block_n=bn, block_c=bc, num_warps=nw, num_stages=ns
-                )
+    if sweep:
+        want = wsl.sort(-1).values
+        for v in TOPK_VARIANTS:
+            if "stop" in v:
+                continue
+            try:
+                got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)[1]
+            except Exception as e:
+                print(f"    top-k variant {v} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            same = (got.sort(-1).values == want).float().mean().item()
+            check(
+                same > 0.9999, f"top-k variant {v}: slots equal the fp32 reference's ({same:.6f})"
             )
-        except Exception as e:  # a shape that does not compile must not stop the run
+        for bisect in (0, 12):  # how many candidates the bound lets through, per row
+            count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, bisect=bisect, stop=2)[
+                3
+            ][..., 0].float()
+            rows = count.transpose(0, 1).reshape(N, 2 * H)[: N // 64 * 64]
+            blocks = rows.view(N // 64, 64, 2 * H).amax(1)  # the kernel falls back by block
             print(
-                f"    top-k variant {bn}/{bc}/{nw}/{ns} failed: {type(e).__name__}: {str(e)[:120]}"
+                f"    candidates per row, bisect {bisect}: mean {count.mean():.1f}, "
+                f"max {count.max():.0f}, rows over {2 * K}: {(count > 2 * K).float().mean():.2e}, "
+                f"64-row blocks over: {(blocks > 2 * K).float().mean():.2e}"
             )
-            continue
-        print(
-            f"    top-k variant block_n/block_c/warps/stages {bn}/{bc}/{nw}/{ns}: "
-            f"{variants[(bn, bc, nw, ns)]:.3f} ms"
+        tile_sweep(
+            "top-k variant",
+            lambda **kw: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **kw),
+            TOPK_VARIANTS,
         )
-    best = min(variants, key=variants.get)
-    print(f"    best variant {best}")
     ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K))
     ref_ms = bench_ms(lambda: reference.product_key_topk(q1, q2, k1, k2, K))
     row(
@@ -124,7 +168,7 @@ def bench_topk(n_keys, N, H, K, half, dev, dt) -> None:
     )
 
 
-def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs) -> None:
+def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
     from memslot.kernels import triton_bag
 
     S = n_slots
@@ -145,8 +189,11 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs) -> None:
         torch.equal(slots, wslots) and rel_err(gw, wgw) < 1e-5 and rel_err(rows_, wrows) < 1e-5,
         "embedding-bag backward vs reference",
     )
+    _, rows16 = triton_bag._grad_rows_in_table_dtype(grad_out, values, indices, weights, dt)
+    print(f"  bag backward, {dt} rows from {dt} grad_out: rel err {rel_err(rows16, wrows):.2e}")
+    check(rel_err(rows16, wrows) < 1e-2, f"{dt} value rows vs reference")
     U = slots.numel()
-    del want, wgw, wslots, wrows, rows_
+    del want, wgw, wslots, wrows, rows_, rows16
 
     esz = values.element_size()
     fwd_bytes = N * B * (D * esz + 8 + 4) + N * D * 4
@@ -170,13 +217,21 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs) -> None:
     rows_bytes = N * B * (8 + 4 + 8) + N * D * 4 + U * D * esz
     sort_ms = bench_ms(lambda: triton_bag._sorted_segments(indices, S))
     print(f"    sort + segment of {N * B:,} pairs: {sort_ms:.3f} ms")
-    for bd in (256, 512):
-        t = bench_ms(
-            lambda bd=bd: triton_bag.embedding_bag_grad_rows(
-                grad_out, values, indices, weights, dt, block_d=bd
-            )
+    if sweep:
+        tile_sweep(
+            "value rows fp32 grad",
+            lambda **kw: triton_bag.embedding_bag_grad_rows(
+                grad_out, values, indices, weights, dt, **kw
+            ),
+            ROWS_VARIANTS,
         )
-        print(f"    value rows variant block_d {bd}: {t:.3f} ms")
+        tile_sweep(
+            "value rows bf16 grad",
+            lambda **kw: triton_bag.embedding_bag_grad_rows(
+                grad_out, values, indices, weights, dt, grad_dtype=dt, **kw
+            ),
+            ROWS_VARIANTS,
+        )
     ms_r = bench_ms(
         lambda: triton_bag.embedding_bag_grad_rows(grad_out, values, indices, weights, dt)
     )
@@ -196,6 +251,18 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs) -> None:
         ms_b,
         f"{bwd_bytes / ms_b / 1e9:.2f} TB/s",
         f"{bwd_bytes / ms_b / 1e9 / copy_tbs:.0%} of copy; reference {ref_b:.3f} ms; target >= 70%",
+    )
+
+    def train_backward():  # what the layer's autograd runs: weights, sparse rows in the table dtype
+        triton_bag.embedding_bag_grad_weights(grad_out, values, indices)
+        triton_bag._grad_rows_in_table_dtype(grad_out, values, indices, weights, dt)
+
+    ms_t = bench_ms(train_backward)
+    row(
+        f"embedding-bag backward as trained (weights + sparse {dt} rows)",
+        ms_t,
+        f"{bwd_bytes / ms_t / 1e9:.2f} TB/s",
+        f"{bwd_bytes / ms_t / 1e9 / copy_tbs:.0%} of copy; target >= 70%",
     )
     dense_bytes = rows_bytes + S * D * esz
     ms_d = bench_ms(
@@ -231,9 +298,11 @@ def gpu_bench(args) -> None:
     row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
 
     for n_keys in args.n_keys:
-        bench_topk(n_keys, N, H, K, half, dev, dt)
-    bench_bag(args.n_keys[0] ** 2, N, B, D, dev, dt, copy_tbs)
+        bench_topk(n_keys, N, H, K, half, dev, dt, args.sweep)
+    bench_bag(args.n_keys[0] ** 2, N, B, D, dev, dt, copy_tbs, args.sweep)
     torch.cuda.empty_cache()
+    if args.no_layer:
+        return
 
     ffn = SwiGLU(D).to(dev, dt)
     x = torch.randn(1, N, D, device=dev, dtype=dt)
@@ -376,6 +445,8 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--k-dim", type=int, default=512)
     p.add_argument("--n-keys", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--sweep", action="store_true", help="time tile variants of each kernel too")
+    p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         gpu_bench(args)

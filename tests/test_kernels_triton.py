@@ -73,6 +73,20 @@ def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many():
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
+@pytest.mark.parametrize("bisect", [0, 3, 12])
+def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
+    # a sorted bound (0) or bisection (few steps: a looser bound, more candidates, fallbacks):
+    # the same exact top-k either way
+    n, heads, n_keys, half, topk = 24 * BIG, 2, 96, 16, 8
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=bisect + 1)
+    scores, slots, _, _ = triton_topk.product_key_topk_forward(
+        q1, q2, k1, k2, topk, block_c=32, bisect=bisect
+    )
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
+
+
 def test_fused_topk_in_bf16_picks_slots_as_good_as_fp64():
     q1, q2, k1, k2 = random_keys(40 * BIG, 2, 64, 16, seed=7, dtype=torch.bfloat16)
     topk = 8
@@ -170,6 +184,24 @@ def test_autograd_gives_the_reference_gradients_sparse_and_dense(sparse, dtype):
     assert rel_err(grads[1][1], grads[0][1]) < TOLERANCE[torch.float32]
     if sparse:
         assert torch.equal(grads[1][0].abs().sum(1) > 0, grads[0][0].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_value_gradient_of_slots_read_many_times_matches_the_reference(dense):
+    # runs of ~100 pairs per slot cross many tiles of sorted pairs; short runs end on tile edges
+    values, indices, weights, grad_out = bag_inputs(30 * BIG, 16, 5, 33, torch.float32, seed=4)
+    indices[-1] = torch.arange(16, device=DEVICE) % 5  # (5 distinct, repeated)
+    _, want_slots, want_rows = reference.embedding_bag_backward(
+        grad_out.double(), values.double(), indices, weights.double()
+    )
+    for block_p in (1, 4):
+        slots, rows = triton_bag.embedding_bag_grad_rows(
+            grad_out, values, indices, weights, dense=dense, block_p=block_p
+        )
+        assert torch.equal(slots, want_slots)
+        if dense:
+            rows = rows[want_slots]
+        assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
 
 
 def test_value_gradient_is_bitwise_deterministic():

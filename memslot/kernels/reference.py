@@ -12,6 +12,9 @@ Two operations make up the hot path of a product-key memory:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +64,36 @@ def embedding_bag_forward(
     return torch.einsum("nbd,nb->nd", rows, weights.to(torch.float32))
 
 
+def embedding_bag_grad_weights(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """grad_weights[n, b] = <values[indices[n, b]], grad_out[n]>, (N, B) fp32."""
+    rows = values[indices].to(torch.float32)  # (N, B, D)
+    return torch.einsum("nbd,nd->nb", rows, grad_out.to(torch.float32))
+
+
+def embedding_bag_grad_rows(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    dense: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value-table gradient: (slots (U,) sorted unique int64, rows (U, D)) or, with ``dense``,
+    (slots, the whole (S, D) gradient with zeros on unread rows). Rows are summed in fp32 in
+    the sorted slot order of ``index_add_`` and rounded once to ``dtype``."""
+    g = grad_out.to(torch.float32)  # (N, D)
+    contrib = weights.to(torch.float32).unsqueeze(-1) * g.unsqueeze(1)  # (N, B, D)
+    slots, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
+    rows = torch.zeros(slots.numel(), values.shape[1], dtype=torch.float32, device=g.device)
+    rows.index_add_(0, inverse, contrib.reshape(-1, values.shape[1]))
+    if not dense:
+        return slots, rows.to(dtype)
+    table = torch.zeros(values.shape, dtype=dtype, device=values.device)
+    return slots, table.index_copy_(0, slots, rows.to(dtype))
+
+
 def embedding_bag_backward(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,51 +104,59 @@ def embedding_bag_backward(
     those rows. Summation order is fixed by ``index_add_`` over the sorted slot order, so the
     result does not depend on thread scheduling.
     """
-    g = grad_out.to(torch.float32)  # (N, D)
-    rows = values[indices].to(torch.float32)  # (N, B, D)
-    grad_weights = torch.einsum("nbd,nd->nb", rows, g)
-    contrib = weights.to(torch.float32).unsqueeze(-1) * g.unsqueeze(1)  # (N, B, D)
-    slots, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
-    grad_rows = torch.zeros(slots.numel(), values.shape[1], dtype=torch.float32, device=g.device)
-    grad_rows.index_add_(0, inverse, contrib.reshape(-1, values.shape[1]))
+    grad_weights = embedding_bag_grad_weights(grad_out, values, indices)
+    slots, grad_rows = embedding_bag_grad_rows(grad_out, values, indices, weights)
     return grad_weights, slots, grad_rows
 
 
+class BagKernels(NamedTuple):
+    """The three kernels behind a differentiable embedding bag (this module's, or Triton's)."""
+
+    forward: Callable[..., torch.Tensor]  # (values, indices, weights) -> (N, D) fp32
+    grad_weights: Callable[..., torch.Tensor]  # (grad_out, values, indices) -> (N, B) fp32
+    grad_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # see embedding_bag_grad_rows
+
+
+REFERENCE_BAG = BagKernels(
+    embedding_bag_forward, embedding_bag_grad_weights, embedding_bag_grad_rows
+)
+
+
 class EmbeddingBag(torch.autograd.Function):
-    """Weighted embedding bag with an explicit backward (sparse or dense value gradient)."""
+    """Weighted embedding bag with an explicit backward (sparse or dense value gradient), on
+    whichever ``BagKernels`` it is given."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, sparse_grad: bool):  # noqa: D102
+    def forward(ctx, values, indices, weights, sparse_grad: bool, kernels: BagKernels):  # noqa: D102
         ctx.save_for_backward(values, indices, weights)
-        ctx.sparse_grad = sparse_grad
-        return embedding_bag_forward(values, indices, weights)
+        ctx.sparse_grad, ctx.kernels = sparse_grad, kernels
+        return kernels.forward(values, indices, weights)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         values, indices, weights = ctx.saved_tensors
-        grad_weights, slots, grad_rows = embedding_bag_backward(grad_out, values, indices, weights)
-        grad_values = None
+        grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
+            slots, rows = ctx.kernels.grad_rows(
+                grad_out, values, indices, weights, values.dtype, dense=not ctx.sparse_grad
+            )
             if ctx.sparse_grad:
                 grad_values = torch.sparse_coo_tensor(
-                    slots.unsqueeze(0),
-                    grad_rows.to(values.dtype),
-                    values.shape,
-                    is_coalesced=True,
+                    slots.unsqueeze(0), rows, values.shape, is_coalesced=True,
                     check_invariants=False,
-                )
+                )  # fmt: skip
             else:
-                grad_values = torch.zeros_like(values)
-                grad_values.index_copy_(0, slots, grad_rows.to(values.dtype))
-        grad_w = grad_weights.to(weights.dtype) if ctx.needs_input_grad[2] else None
-        return grad_values, None, grad_w, None
+                grad_values = rows
+        if ctx.needs_input_grad[2]:
+            grad_w = ctx.kernels.grad_weights(grad_out, values, indices).to(weights.dtype)
+        return grad_values, None, grad_w, None, None
 
 
 def embedding_bag(
     values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
 ) -> torch.Tensor:
     """Differentiable weighted embedding bag; see ``embedding_bag_forward``."""
-    return EmbeddingBag.apply(values, indices, weights, sparse_grad)
+    return EmbeddingBag.apply(values, indices, weights, sparse_grad, REFERENCE_BAG)
 
 
 def embedding_bag_native(

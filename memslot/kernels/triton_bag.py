@@ -8,9 +8,11 @@ Backward:
 * weights: grad_w[n, b] = <values[indices[n, b]], grad_out[n]>, one program per (token, tile
   of bag positions), looping over the value dim;
 * value rows: the (slot, bag position) pairs are sorted once (stable, so equal slots stay in bag
-  order) and each unique slot's rows are summed by one program in that fixed order: no atomics,
-  so the result is the same bits on every run. Rows are written either compactly (sparse: the
-  unique slots and their rows) or straight into a zeroed dense table gradient.
+  order) and each unique slot's rows are summed by one program in that fixed order: no atomics, so the result is the same bits on every
+  run. Rows are written either compactly (sparse: the unique slots and their rows) or straight
+  into a zeroed dense table gradient. In autograd, a 16-bit table's gradient rows are summed
+  from grad_out rounded once to the table's dtype (half the gathered bytes; the rows are rounded
+  to that dtype anyway).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from memslot.kernels import reference
 
 
 @triton.jit
@@ -90,22 +94,42 @@ def _bag_grad_rows_kernel(
     out_ptr,
     B,
     D,
+    stride_g,
     stride_out,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DENSE: tl.constexpr,
 ):
-    """Row u of the output = sum over its sorted pairs p of weights[p] * grad_out[p // B]."""
+    """Row u of the output = sum over its sorted pairs p of weights[p] * grad_out[p // B].
+
+    The pairs of a slot are taken one at a time (BLOCK_P = 1, the fastest on the H200) or
+    BLOCK_P at a time as one gathered (BLOCK_P, BLOCK_D) tile; either way in a fixed order: the
+    same bits on every run.
+    """
     u = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     start = tl.load(offsets_ptr + u)
     end = tl.load(offsets_ptr + u + 1)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for p in range(start, end):
-        pair = tl.load(order_ptr + p).to(tl.int64)
-        w = tl.load(weights_ptr + pair).to(tl.float32)
-        g = tl.load(grad_out_ptr + (pair // B) * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        acc += w * g
+    if BLOCK_P == 1:  # one pair at a time
+        for p in range(start, end):
+            pair = tl.load(order_ptr + p).to(tl.int64)
+            w = tl.load(weights_ptr + pair).to(tl.float32)
+            g = tl.load(grad_out_ptr + (pair // B) * stride_g + d, mask=d_mask, other=0.0)
+            acc += w * g.to(tl.float32)
+    else:
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p < end
+            pair = tl.load(order_ptr + p, mask=p_mask, other=0).to(tl.int64)
+            w = tl.load(weights_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
+            g = tl.load(
+                grad_out_ptr + (pair // B)[:, None] * stride_g + d[None, :],
+                mask=p_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_P, BLOCK_D)
+            acc += tl.sum(g * w[:, None], axis=0)
     if DENSE:
         row = tl.load(slots_ptr + u).to(tl.int64)
     else:
@@ -187,10 +211,17 @@ def embedding_bag_grad_rows(
     weights: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     dense: bool = False,
+    block_p: int = 1,
     block_d: int = 1024,
+    num_warps: int = 4,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Value-table gradient: (slots (U,) sorted unique int64, rows (U, D)) or, with ``dense``,
-    (slots, the whole (S, D) gradient with zeros on unread rows). Rows are in ``dtype``."""
+    (slots, the whole (S, D) gradient with zeros on unread rows). Rows are in ``dtype``.
+
+    Each pair gathers one grad_out row, so that gather is what this kernel moves most; with
+    ``grad_dtype`` (e.g. bf16) grad_out is rounded to it once first, half the bytes of fp32.
+    """
     S, D = values.shape
     N, B = indices.shape
     device = values.device
@@ -207,11 +238,16 @@ def embedding_bag_grad_rows(
     )
     if D == 0:
         return slots, out
+    if grad_dtype is not None:
+        grad_out = grad_out.to(grad_dtype)
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
     block_d = min(max(triton.next_power_of_2(D), 16), block_d)
     grid = (U, triton.cdiv(D, block_d))
     _bag_grad_rows_kernel[grid](
-        grad_out.contiguous(), weights.contiguous(), order, offsets, slots, out, B, D,
-        out.stride(0), BLOCK_D=block_d, DENSE=dense, num_warps=4,
+        grad_out, weights.contiguous(), order, offsets, slots, out, B, D,
+        grad_out.stride(0), out.stride(0),
+        BLOCK_P=block_p, BLOCK_D=block_d, DENSE=dense, num_warps=num_warps,
     )  # fmt: skip
     return slots, out
 
@@ -225,37 +261,19 @@ def embedding_bag_backward(
     return grad_w, slots, rows
 
 
-class EmbeddingBag(torch.autograd.Function):
-    """Weighted embedding bag on the Triton kernels; value gradient sparse or dense."""
+def _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense=False):
+    """The autograd's value gradient: grad_out read in the rows' dtype when that is 16-bit."""
+    low = dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense, grad_dtype=low)
 
-    @staticmethod
-    def forward(ctx, values, indices, weights, sparse_grad: bool):  # noqa: D102
-        ctx.save_for_backward(values, indices, weights)
-        ctx.sparse_grad = sparse_grad
-        return embedding_bag_forward(values, indices, weights)
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        values, indices, weights = ctx.saved_tensors
-        grad_values = grad_w = None
-        if ctx.needs_input_grad[0]:
-            slots, rows = embedding_bag_grad_rows(
-                grad_out, values, indices, weights, values.dtype, dense=not ctx.sparse_grad
-            )
-            if ctx.sparse_grad:
-                grad_values = torch.sparse_coo_tensor(
-                    slots.unsqueeze(0), rows, values.shape, is_coalesced=True,
-                    check_invariants=False,
-                )  # fmt: skip
-            else:
-                grad_values = rows
-        if ctx.needs_input_grad[2]:
-            grad_w = embedding_bag_grad_weights(grad_out, values, indices).to(weights.dtype)
-        return grad_values, None, grad_w, None
+TRITON_BAG = reference.BagKernels(
+    embedding_bag_forward, embedding_bag_grad_weights, _grad_rows_in_table_dtype
+)
 
 
 def embedding_bag(
     values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
 ) -> torch.Tensor:
     """Differentiable weighted embedding bag, (N, D) fp32; see ``reference.embedding_bag``."""
-    return EmbeddingBag.apply(values, indices, weights, sparse_grad)
+    return reference.EmbeddingBag.apply(values, indices, weights, sparse_grad, TRITON_BAG)

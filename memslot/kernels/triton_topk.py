@@ -60,120 +60,65 @@ def _unpack(key):
 
 
 @triton.jit
-def _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE: tl.constexpr):
+def _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN: tl.constexpr,
+                 IEEE: tl.constexpr):  # fmt: skip
     """Scores of BLOCK_N query rows against the sub-keys ``cols``; -inf past n_keys."""
-    c_mask = cols < n_keys
-    kc = tl.load(
-        keys_ptr + cols[:, None] * stride_kk + d[None, :],
-        mask=c_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    if EVEN:  # n_keys a multiple of BLOCK_C and half a power of two: no masks
+        kc = tl.load(keys_ptr + cols[:, None] * stride_kk + d[None, :])
+    else:
+        kc = tl.load(
+            keys_ptr + cols[:, None] * stride_kk + d[None, :],
+            mask=(cols < n_keys)[:, None] & (d < half)[None, :],
+            other=0.0,
+        )
     if IEEE:
         s = tl.dot(q, tl.trans(kc.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(kc))
-    return tl.where(c_mask[None, :], s, _NEG_INF)  # (BLOCK_N, BLOCK_C) fp32
+    if not EVEN:
+        s = tl.where((cols < n_keys)[None, :], s, _NEG_INF)
+    return s  # (BLOCK_N, BLOCK_C) fp32
 
 
 @triton.jit
-def _half_topk(
-    q_ptr,
-    stride_qn,
-    keys_ptr,
-    stride_kk,
-    scratch_ptr,
-    rows,
-    row_mask,
-    n_keys,
-    half,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    CAP: tl.constexpr,
-    HALF_P2: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """Top-KP sub-keys of one half for BLOCK_N rows: (scores, indices), (BLOCK_N, KP), descending.
+def _kth_bound(group_max, K: tl.constexpr, KP: tl.constexpr, BISECT: tl.constexpr):
+    """Per row, a value that at least K of the group maxima reach: a lower bound on the row's
+    K-th best score, since the group maxima are distinct scores.
 
-    Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
-    1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks. The K
-       largest group maxima are K distinct scores, so the K-th largest of them is a lower bound
-       on the row's K-th best score (on random keys about 36 of 1,024 scores reach it).
-    2. the scores at or above the bound, packed with their index, are compacted into CAP scratch
-       slots per row (a prefix sum gives each its place); one bitonic top-k ranks them.
-    A block where some row has fewer than K or more than CAP candidates falls back to ranking
-    every chunk with the top-k network (exact either way, only slower).
+    BISECT == 0: the K-th largest group maximum, by a top-k network. Otherwise BISECT halvings
+    of [smallest, largest] group maximum, keeping the largest tested value that K maxima reach:
+    no sort, and after about a dozen steps as tight as the K-th maximum on real scores.
     """
-    d = tl.arange(0, HALF_P2)
-    d_mask = d < half
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qn + d[None, :],
-        mask=row_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if IEEE:
-        q = q.to(tl.float32)
-    ccol = tl.arange(0, BLOCK_C)
-    kcol = tl.arange(0, KP)
-    group_max = tl.full((q.shape[0], BLOCK_C), _NEG_INF, tl.float32)
-    for c0 in range(0, n_keys, BLOCK_C):
-        s = _score_chunk(q, keys_ptr, stride_kk, c0 + ccol, d, d_mask, n_keys, IEEE)
-        group_max = tl.maximum(group_max, s)
-    top_groups = tl.topk(group_max, KP)
-    bound = tl.min(tl.where(kcol[None, :] < K, top_groups, float("inf")), axis=1)  # (BLOCK_N,)
-
-    count = tl.zeros((q.shape[0],), tl.int32)
-    for c0 in range(0, n_keys, BLOCK_C):
-        cols = c0 + ccol
-        s = _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE)
-        keep = s >= bound[:, None]
-        place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        tl.store(
-            scratch_ptr + rows[:, None] * CAP + place,
-            _pack(s, cols[None, :]),
-            mask=keep & (place < CAP) & row_mask[:, None],
-        )
-        count += tl.sum(keep.to(tl.int32), axis=1)
-    tl.debug_barrier()  # the program's scratch stores before its loads
-    fits = tl.max(tl.where(row_mask, count, 0), axis=0) <= CAP
-    fits = fits & (tl.min(tl.where(row_mask, count, K), axis=0) >= K)
-    if fits:
-        slot = tl.arange(0, CAP)
-        cand = tl.load(
-            scratch_ptr + rows[:, None] * CAP + slot[None, :],
-            mask=(slot[None, :] < count[:, None]) & row_mask[:, None],
-            other=-9223372036854775807,  # below every real key
-        )
-        best = tl.topk(cand, KP)
+    if BISECT == 0:
+        kcol = tl.arange(0, KP)
+        top = tl.topk(group_max, KP)
+        bound = tl.min(tl.where(kcol[None, :] < K, top, float("inf")), axis=1)
     else:
-        best = tl.full((q.shape[0], KP), -9223372036854775807, tl.int64)
-        for c0 in range(0, n_keys, BLOCK_C):
-            cols = c0 + ccol
-            s = _score_chunk(q, keys_ptr, stride_kk, cols, d, d_mask, n_keys, IEEE)
-            chunk = tl.topk(_pack(s, cols[None, :]), KP)  # (BLOCK_N, KP), descending
-            # the larger half of two descending lists is max(a, reversed b), then a sort
-            best = tl.sort(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
-    return _unpack(best)
+        # empty groups (-inf, n_keys < BLOCK_C) are never counted; >= K groups are non-empty
+        lo = tl.min(tl.where(group_max > _NEG_INF, group_max, float("inf")), axis=1)
+        hi = tl.max(group_max, axis=1)
+        for _ in tl.static_range(BISECT):
+            mid = lo + (hi - lo) * 0.5
+            reach = tl.sum((group_max >= mid[:, None]).to(tl.int32), axis=1) >= K
+            lo = tl.where(reach, mid, lo)
+            hi = tl.where(reach, hi, mid)
+        bound = lo
+    return bound
 
 
 @triton.jit
-def _product_key_topk_kernel(
+def _half_topk_kernel(
     q1_ptr,
     q2_ptr,
     k1_ptr,
     k2_ptr,
-    pair_a_ptr,
-    pair_b_ptr,
-    scores_ptr,
-    slots_ptr,
-    half_idx_ptr,
-    pair_rank_ptr,
     scratch_ptr,
+    half_s_ptr,
+    half_i_ptr,
     N,
     H,
     n_keys,
     half,
-    n_pairs,
     stride_q1n,
     stride_q1h,
     stride_q2n,
@@ -184,51 +129,153 @@ def _product_key_topk_kernel(
     stride_k2k,
     K: tl.constexpr,
     KP: tl.constexpr,
-    CP: tl.constexpr,
     CAP: tl.constexpr,
     HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BISECT: tl.constexpr,
+    EVEN: tl.constexpr,
     IEEE: tl.constexpr,
-    SAVE_FOR_BACKWARD: tl.constexpr,
+    STOP: tl.constexpr,
 ):
+    """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
+    half_s / half_i (2, N, H, K).
+
+    Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
+    1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks; a value
+       that K group maxima reach is a lower bound on the row's K-th best score (on random keys
+       about 40 of 1,024 scores reach it);
+    2. the scores at or above the bound, packed with their index, are compacted into CAP scratch
+       places per row (a prefix sum gives each its place); one bitonic top-k ranks them.
+    A block where some row has fewer than K or more than CAP candidates falls back to ranking
+    every chunk with the top-k network (exact either way, only slower).
+    STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
+    """
     h = tl.program_id(1)
+    which = tl.program_id(2)  # 0: first half, 1: second half
+    if which == 0:
+        q_ptr = q1_ptr + h * stride_q1h
+        stride_qn = stride_q1n
+        keys_ptr = k1_ptr + h * stride_k1h
+        stride_kk = stride_k1k
+    else:
+        q_ptr = q2_ptr + h * stride_q2h
+        stride_qn = stride_q2n
+        keys_ptr = k2_ptr + h * stride_k2h
+        stride_kk = stride_k2k
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    scratch = scratch_ptr + h.to(tl.int64) * 2 * N * CAP  # (H, 2, N, CAP) packed keys
-    t1, i1 = _half_topk(
-        q1_ptr + h * stride_q1h, stride_q1n, k1_ptr + h * stride_k1h, stride_k1k, scratch,
-        rows, row_mask, n_keys, half, K, KP, CAP, HALF_P2, BLOCK_C, IEEE,
-    )  # fmt: skip
-    t2, i2 = _half_topk(
-        q2_ptr + h * stride_q2h, stride_q2n, k2_ptr + h * stride_k2h, stride_k2k,
-        scratch + N * CAP, rows, row_mask, n_keys, half, K, KP, CAP, HALF_P2, BLOCK_C, IEEE,
-    )  # fmt: skip
+    d = tl.arange(0, HALF_P2)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qn + d[None, :],
+        mask=row_mask[:, None] & (d < half)[None, :],
+        other=0.0,
+    )
+    if IEEE:
+        q = q.to(tl.float32)
+    ccol = tl.arange(0, BLOCK_C)
+    kcol = tl.arange(0, KP)
+    out_off = which * N * H * K + (rows[:, None] * H + h) * K + kcol[None, :]
+    out_mask = row_mask[:, None] & (kcol[None, :] < K)
 
-    # candidates: sums of the dominance-pruned half-rank pairs, (BLOCK_N, CP), then their top KP
+    group_max = tl.full((BLOCK_N, BLOCK_C), _NEG_INF, tl.float32)
+    for c0 in range(0, n_keys, BLOCK_C):
+        s = _score_chunk(q, keys_ptr, stride_kk, c0 + ccol, d, n_keys, half, EVEN, IEEE)
+        group_max = tl.maximum(group_max, s)
+    bound = _kth_bound(group_max, K, KP, BISECT)  # (BLOCK_N,)
+    if STOP == 1:
+        tl.store(half_s_ptr + out_off, tl.broadcast_to(bound[:, None], (BLOCK_N, KP)), out_mask)
+        return
+
+    scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * CAP  # (2, H, N, CAP) keys
+    count = tl.zeros((BLOCK_N,), tl.int32)
+    for c0 in range(0, n_keys, BLOCK_C):
+        cols = c0 + ccol
+        s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
+        keep = s >= bound[:, None]
+        place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        tl.store(
+            scratch + rows[:, None] * CAP + place,
+            _pack(s, cols[None, :]),
+            mask=keep & (place < CAP) & row_mask[:, None],
+        )
+        count += tl.sum(keep.to(tl.int32), axis=1)
+    if STOP == 2:
+        tl.store(half_i_ptr + out_off, tl.broadcast_to(count[:, None], (BLOCK_N, KP)), out_mask)
+        return
+    tl.debug_barrier()  # the program's scratch stores before its loads
+    fits = tl.max(tl.where(row_mask, count, 0), axis=0) <= CAP
+    fits = fits & (tl.min(tl.where(row_mask, count, K), axis=0) >= K)
+    if fits:
+        slot = tl.arange(0, CAP)
+        cand = tl.load(
+            scratch + rows[:, None] * CAP + slot[None, :],
+            mask=(slot[None, :] < count[:, None]) & row_mask[:, None],
+            other=-9223372036854775807,  # below every real key
+        )
+        best = tl.topk(cand, KP)
+    else:
+        best = tl.full((BLOCK_N, KP), -9223372036854775807, tl.int64)
+        for c0 in range(0, n_keys, BLOCK_C):
+            cols = c0 + ccol
+            s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
+            chunk = tl.topk(_pack(s, cols[None, :]), KP)  # (BLOCK_N, KP), descending
+            # the larger half of two descending lists is max(a, reversed b), then a sort
+            best = tl.sort(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+    top_s, top_i = _unpack(best)
+    tl.store(half_s_ptr + out_off, top_s, mask=out_mask)
+    tl.store(half_i_ptr + out_off, top_i, mask=out_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    half_s_ptr,
+    half_i_ptr,
+    pair_a_ptr,
+    pair_b_ptr,
+    scores_ptr,
+    slots_ptr,
+    pair_rank_ptr,
+    R,
+    n_keys,
+    n_pairs,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr,
+):
+    """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K.
+
+    The sums are never all formed: with both halves in descending order, the pair of half-ranks
+    (a, b) is dominated by every (a' <= a, b' <= b), so only the n_pairs pairs with
+    (a + 1) * (b + 1) <= K can reach the top K (119 of 1,024 for K = 32).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    kcol = tl.arange(0, KP)
+    off = rows[:, None] * K + kcol[None, :]
+    mask = row_mask[:, None] & (kcol[None, :] < K)
+    t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"))
+    t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"))
+    i1 = tl.load(half_i_ptr + off, mask=mask, other=0)
+    i2 = tl.load(half_i_ptr + R * K + off, mask=mask, other=0)
+
     pcol = tl.arange(0, CP)
     p_mask = pcol < n_pairs
-    pa = tl.broadcast_to(tl.load(pair_a_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_N, CP))
-    pb = tl.broadcast_to(tl.load(pair_b_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_N, CP))
+    pa = tl.broadcast_to(tl.load(pair_a_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_R, CP))
+    pb = tl.broadcast_to(tl.load(pair_b_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_R, CP))
     cand = tl.gather(t1, pa, axis=1) + tl.gather(t2, pb, axis=1)
     cand = tl.where(p_mask[None, :], cand, _NEG_INF)
-    out_s, pick = _unpack(tl.topk(_pack(cand, pcol[None, :]), KP))  # (BLOCK_N, KP)
+    out_s, pick = _unpack(tl.topk(_pack(cand, pcol[None, :]), KP))  # (BLOCK_R, KP)
     out_pa = tl.gather(pa, pick, axis=1)
     out_pb = tl.gather(pb, pick, axis=1)
     out_slot = tl.gather(i1, out_pa, axis=1).to(tl.int64) * n_keys + tl.gather(i2, out_pb, axis=1)
-
-    kcol = tl.arange(0, KP)
-    out_off = (rows[:, None] * H + h) * K + kcol[None, :]
-    out_mask = row_mask[:, None] & (kcol[None, :] < K)
-    tl.store(scores_ptr + out_off, out_s.to(scores_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(slots_ptr + out_off, out_slot, mask=out_mask)
-    if SAVE_FOR_BACKWARD:
-        # (2, N, H, K) each: which sub-key each half kept, and which half-rank each pick used
-        half_stride = N * H * K
-        tl.store(half_idx_ptr + out_off, i1, mask=out_mask)
-        tl.store(half_idx_ptr + half_stride + out_off, i2, mask=out_mask)
-        tl.store(pair_rank_ptr + out_off, out_pa, mask=out_mask)
-        tl.store(pair_rank_ptr + half_stride + out_off, out_pb, mask=out_mask)
+    tl.store(scores_ptr + off, out_s.to(scores_ptr.dtype.element_ty), mask=mask)
+    tl.store(slots_ptr + off, out_slot, mask=mask)
+    if SAVE_FOR_BACKWARD:  # (2, N, H, K): which half-rank each pick combined
+        tl.store(pair_rank_ptr + off, out_pa, mask=mask)
+        tl.store(pair_rank_ptr + R * K + off, out_pb, mask=mask)
 
 
 @triton.jit
@@ -264,6 +311,13 @@ def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, x)))
 
 
+def _default_tiles(N: int, n_keys: int) -> dict:
+    """Tiles of the half kernel for N rows and n_keys sub-keys (from the H200 sweeps)."""
+    if N < 1024:
+        return dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
+    return dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
+
+
 def product_key_topk_forward(
     q1: torch.Tensor,
     q2: torch.Tensor,
@@ -272,17 +326,21 @@ def product_key_topk_forward(
     topk: int,
     save_for_backward: bool = False,
     block_n: int | None = None,
-    block_c: int = 128,
+    block_c: int | None = None,
     num_warps: int | None = None,
     cap: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
+    bisect: int | None = None,
+    stop: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
     scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
-    rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots (N, H, topk) int64. With
-    ``save_for_backward``, half_idx (2, N, H, topk) int32 holds the sub-keys each half kept and
-    pair_rank (2, N, H, topk) int32 the half-ranks each pick combined; otherwise both are None.
+    rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots
+    (N, H, topk) int64. With ``save_for_backward``, half_idx (2, N, H, topk) int32 holds the
+    sub-keys each half kept and pair_rank (2, N, H, topk) int32 the half-ranks each pick
+    combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
+    ``stop`` 1 or 2 ends after pass one or two of the half kernel and returns garbage (timing).
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -294,33 +352,40 @@ def product_key_topk_forward(
     device = q1.device
     scores = torch.empty(N, H, topk, dtype=torch.float32, device=device)
     slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
-    half_idx = pair_rank = None
-    if save_for_backward:
-        half_idx = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
-        pair_rank = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
+    half_s = torch.empty(2, N, H, topk, dtype=torch.float32, device=device)
+    half_idx = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
+    pair_rank = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
     if N == 0:
-        return scores, slots, half_idx, pair_rank
-    pair_a, pair_b = _candidate_pairs(topk, device)
-    if block_n is None:
-        block_n = 64 if N >= 64 * 132 else 32 if N >= 1024 else 16
-        block_c = min(block_c, 64) if block_n >= 64 else block_c  # shared memory
-    grid = (triton.cdiv(N, block_n), H)
+        return (scores, slots) + ((half_idx, pair_rank) if save_for_backward else (None, None))
     kp = _next_pow2(topk, 16)  # the sort networks need powers of two
+    tiles = _default_tiles(N, n_keys)
+    block_n = block_n or tiles["block_n"]
+    block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
-    scratch = torch.empty(H, 2, N, cap, dtype=torch.int64, device=device)
-    _product_key_topk_kernel[grid](
-        q1, q2, keys1, keys2, pair_a, pair_b, scores, slots,
-        half_idx if save_for_backward else slots, pair_rank if save_for_backward else slots,
-        scratch, N, H, n_keys, half, pair_a.numel(),
+    half_p2 = _next_pow2(half, 16)
+    scratch = torch.empty(2, H, N, cap, dtype=torch.int64, device=device)
+    _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
+        q1, q2, keys1, keys2, scratch, half_s, half_idx, N, H, n_keys, half,
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
         # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
-        K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), CAP=cap,
-        HALF_P2=_next_pow2(half, 16), BLOCK_N=block_n,
-        BLOCK_C=max(kp, min(block_c, _next_pow2(n_keys, 16))),
-        IEEE=q1.dtype == torch.float32 or _INTERPRETED, SAVE_FOR_BACKWARD=save_for_backward,
-        num_warps=num_warps or (8 if block_n >= 64 else 4), num_stages=num_stages,
+        K=topk, KP=kp, CAP=cap, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
+        BISECT=tiles["bisect"] if bisect is None else bisect,
+        EVEN=n_keys % block_c == 0 and half == half_p2,
+        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop,
+        num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
     )  # fmt: skip
+    if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
+        return scores, slots, half_s, half_idx
+    pair_a, pair_b = _candidate_pairs(topk, device)
+    block_r = 32
+    _combine_kernel[(triton.cdiv(N * H, block_r),)](
+        half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
+        pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=block_r,
+        SAVE_FOR_BACKWARD=save_for_backward, num_warps=4,
+    )  # fmt: skip
+    if not save_for_backward:
+        return scores, slots, None, None
     return scores, slots, half_idx, pair_rank
 
 
