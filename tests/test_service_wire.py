@@ -135,3 +135,27 @@ def test_an_open_server_may_only_listen_on_loopback():
 )
 def test_errors_map_to_status_codes(error, code):
     assert status_of(error)[0] == code
+
+
+def test_taught_facts_are_the_injections_of_the_versions_the_head_is_made_of(tmp_path):
+    from memslot.memstore import Store
+    from memslot.service.server import taught_facts
+
+    store = Store.create(tmp_path / "store", torch.zeros(8, 2))
+
+    def inject(slot: int, *facts: tuple[str, str]) -> None:
+        meta = {"facts": [{"prompt": p, "target": t} for p, t in facts]}
+        store.commit([slot], torch.ones(1, 2), expected_parent=store.head, kind="inject", meta=meta)
+
+    a, b, c = ("A is", "1"), ("B is", "2"), ("C is", "3")
+    assert taught_facts(store) == []
+    inject(0, a)  # v1
+    store.commit([1], torch.ones(1, 2), expected_parent=1, kind="write")  # v2: no facts
+    inject(2, b, c)  # v3
+    assert taught_facts(store) == [a, b, c]
+    store.rollback(1)  # v4 undoes v2 and v3
+    assert taught_facts(store) == [a]
+    store.rollback(3)  # v5 undoes v4: v3's facts are back
+    assert taught_facts(store) == [a, b, c]
+    store.rollback(0)  # v6
+    assert taught_facts(store) == []

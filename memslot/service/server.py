@@ -503,7 +503,9 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
         return self._edit(
             request,
             "inject",
-            lambda editor: editor.edit_facts(facts, force=request.force),
+            lambda editor: editor.edit_facts(
+                facts, force=request.force, keep=taught_facts(self.store)
+            ),
             {"facts": [{"prompt": p, "target": t} for p, t in facts]},
             f"inject {len(facts)} fact(s)",
         )
@@ -747,6 +749,26 @@ def _check_safetensors(path: Path, name: str) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"{name} is not a safetensors file ({exc}): export one with `memslot store export`",
         ) from None
+
+
+def taught_facts(store) -> list[tuple[str, str]]:
+    """The facts injected by the versions that make up the head, oldest first.
+
+    Walks the records down from the head; a rollback to version t undoes everything after t, so
+    the walk continues at t. New edits rehearse these facts where they read the rows being
+    changed, so that an edit does not silently undo an earlier one.
+    """
+    facts: list[list[tuple[str, str]]] = []
+    version = store.head
+    while version > 0:
+        record = store.show(version)
+        if record.kind == "rollback":
+            version = int(record.meta["target"])
+            continue
+        if record.kind == "inject":
+            facts.append([(f["prompt"], f["target"]) for f in record.meta.get("facts", [])])
+        version = record.parent if record.parent is not None else 0
+    return [fact for batch in reversed(facts) for fact in batch]
 
 
 def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], object] | None:
