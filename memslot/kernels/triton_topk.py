@@ -1,15 +1,19 @@
-"""Fused product-key top-k in Triton: scoring, per-half top-k, top-k of the sums, one kernel.
+"""Fused product-key top-k in Triton: scoring, per-half top-k, top-k of the sums.
 
-One program takes BLOCK_N tokens of one head. For each half it streams the n_keys sub-keys in
-chunks of BLOCK_C, scored by one matrix product per chunk, twice: the first pass keeps the max of
-each group of sub-keys c = g (mod BLOCK_C), whose k-th largest is a lower bound on the k-th best
-score; the second compacts the few scores at or above it (about 36 of 1,024 on random keys) into
-a small per-row scratch list, which one bitonic top-k (``tl.topk`` on packed (score, index) int64
-keys) ranks. Rows with too many candidates fall back to a top-k network over every chunk.
-The k x k sums are never formed: with both halves sorted in descending order, the
-pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs with
-(a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those candidates are
-gathered from registers and ranked by one more top-k network.
+Two kernels. The half kernel takes BLOCK_N tokens of one half of one head (grid: row blocks x
+heads x 2 halves). It streams the n_keys sub-keys in chunks of BLOCK_C, scored by one matrix
+product per chunk (the key loads pipelined two stages deep), twice: the first pass keeps the max
+of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a bisection on
+those maxima gives a value that K of them reach: a lower bound on the K-th best score. The
+second compacts the few scores at or above it (about 43 of 1,024 on random keys) into a small
+per-row scratch list, which one bitonic top-k (``tl.topk`` on packed (score, index) int64 keys)
+ranks. Rows with too many candidates fall back to a top-k network over every chunk. Neither the
+scores nor the k x k sums reach global memory; each half's sorted top-k does (16 bytes a pick).
+
+The combine kernel never forms the k x k sums either: with both halves sorted in descending
+order, the pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
+with (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those
+candidates are gathered from registers and ranked by one more top-k network.
 
 The backward is deterministic: the gradient of each kept half-score is a sum over the final
 picks that used it, formed in a fixed order per row and scattered (unique indices, no atomics)
@@ -144,7 +148,7 @@ def _half_topk_kernel(
     Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
     1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks; a value
        that K group maxima reach is a lower bound on the row's K-th best score (on random keys
-       about 40 of 1,024 scores reach it);
+       about 43 of 1,024 scores reach it);
     2. the scores at or above the bound, packed with their index, are compacted into CAP scratch
        places per row (a prefix sum gives each its place); one bitonic top-k ranks them.
     A block where some row has fewer than K or more than CAP candidates falls back to ranking
@@ -311,8 +315,8 @@ def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, x)))
 
 
-def _default_tiles(N: int, n_keys: int) -> dict:
-    """Tiles of the half kernel for N rows and n_keys sub-keys (from the H200 sweeps)."""
+def _default_tiles(N: int) -> dict:
+    """Tiles of the half kernel for N rows (H200 sweeps: best at 1,024 and 4,096 sub-keys)."""
     if N < 1024:
         return dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
     return dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
@@ -358,7 +362,7 @@ def product_key_topk_forward(
     if N == 0:
         return (scores, slots) + ((half_idx, pair_rank) if save_for_backward else (None, None))
     kp = _next_pow2(topk, 16)  # the sort networks need powers of two
-    tiles = _default_tiles(N, n_keys)
+    tiles = _default_tiles(N)
     block_n = block_n or tiles["block_n"]
     block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
