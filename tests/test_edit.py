@@ -62,19 +62,34 @@ def test_earlier_facts_that_read_the_changed_rows_are_rehearsed_and_keep_their_a
     assert generate(model, tok, second[0]).text == second[1]
 
 
-def test_an_edit_that_would_undo_a_kept_fact_writes_nothing(tiny):
+def test_an_edit_that_cannot_keep_the_rehearsed_facts_writes_nothing_and_says_why(tiny):
     model, tok, editor, corpus = tiny
-    prompt = f"{corpus.reserved_names[1]} was born in"
+    person = corpus.reserved_names[1]
     cities = corpus.answers_for("birth_city")
-    result = editor.edit_facts([(prompt, cities[0])], force=True)
+    kept = (f"{person} was born in", cities[0])
+    result = editor.edit_facts([kept], force=True)
     assert result.success
     apply(model, result)
     before = model.memory_values.detach().clone()
-    result = editor.edit_facts([(prompt, cities[1])], force=True, keep=[(prompt, cities[0])])
+    editor.config.steps = 1  # too few steps to learn the new fact while keeping the old one
+    result = editor.edit_facts([(f"{person} works for", "Nobody")], force=True, keep=[kept])
     assert not result.success and result.rehearsed == 1
     assert "earlier edit" in result.reports[0].message
     assert torch.equal(model.memory_values, before)
-    assert generate(model, tok, prompt).text == cities[0]
+    assert generate(model, tok, kept[0]).text == kept[1]
+
+
+def test_a_new_target_for_a_kept_prompt_is_a_correction_not_a_contradiction(tiny):
+    model, tok, editor, corpus = tiny
+    cities = corpus.answers_for("birth_city")
+    kept = (f"{corpus.reserved_names[2]} was born in", cities[0])
+    result = editor.edit_facts([kept], force=True)
+    assert result.success
+    apply(model, result)
+    result = editor.edit_facts([(kept[0], cities[1])], force=True, keep=[kept])
+    assert result.success and result.rehearsed == 0
+    apply(model, result)
+    assert generate(model, tok, kept[0]).text == cities[1]
 
 
 def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):

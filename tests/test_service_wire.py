@@ -159,3 +159,6 @@ def test_taught_facts_are_the_injections_of_the_versions_the_head_is_made_of(tmp
     assert taught_facts(store) == [a, b, c]
     store.rollback(0)  # v6
     assert taught_facts(store) == []
+    inject(3, a)  # v7
+    inject(4, ("A is", "9"))  # v8: a correction supersedes the earlier target
+    assert taught_facts(store) == [("A is", "9")]

@@ -127,11 +127,16 @@ class Editor:
         """Teach (prompt, target) facts. ``force`` edits facts the model already answers.
 
         ``keep``: facts taught by earlier edits. Those among them that read a row this edit
-        changes are optimised along with it, so that they keep their answers (rehearsal).
+        changes are optimised along with it, so that they keep their answers (rehearsal); one
+        with the same prompt as a new fact is superseded by it instead.
         """
         if not facts:
             raise EditError("no facts given: pass at least one (prompt, target) pair")
         items = self._fact_items(facts)
+        # A new fact supersedes a kept one with the same prompt (a correction), so that one is
+        # not rehearsed.
+        prompts = {it.prompt for it in items}
+        keep = [(p, t) for p, t in keep or [] if (p or "").strip() not in prompts]
         kept = self._fact_items(keep, what="kept fact") if keep else []
         return self._edit(items, force, table, kept)
 
@@ -352,7 +357,7 @@ class Editor:
             )
         kept_ok = bool((margin1[n_new:] > 0).all()) if readers else True
         if not kept_ok:
-            for i in todo:
+            for i in (i for i in todo if reports[i].success):
                 reports[i].success = False
                 reports[i].message = (
                     "learned, but an earlier edit's fact would lose its answer; nothing written "

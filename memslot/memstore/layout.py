@@ -125,7 +125,7 @@ def row_keys(slots: list[int], version: int) -> list[bytes]:
 
 
 def seal_rows(data: bytes | memoryview, row_bytes: int) -> tuple[list[bytes], np.ndarray]:
-    """Sealed values of a run of rows (each [CRC-32][row bytes], as :func:`seal_row`) and the
+    """Sealed values of a run of rows (each [CRC-32][row bytes], as :func:`open_row` reads) and the
     CRCs, built with one copy of the rows instead of one concatenation per row."""
     crcs = row_crcs(data, row_bytes)
     sealed = np.empty((len(crcs), _CRC.size + row_bytes), dtype=np.uint8)
@@ -138,10 +138,6 @@ def seal_rows(data: bytes | memoryview, row_bytes: int) -> tuple[list[bytes], np
 def as_bytes_view(table: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor, without copying (works for bf16 too)."""
     return memoryview(table.reshape(-1).view(torch.uint8).numpy())
-
-
-def seal_row(row: bytes | memoryview) -> bytes:
-    return _CRC.pack(zlib.crc32(row)) + row
 
 
 def open_row(value: bytes, slot: int, version: int) -> memoryview:

@@ -752,13 +752,15 @@ def _check_safetensors(path: Path, name: str) -> None:
 
 
 def taught_facts(store) -> list[tuple[str, str]]:
-    """The facts injected by the versions that make up the head, oldest first.
+    """The facts injected by the versions that make up the head, oldest first; for a prompt
+    injected more than once, only its latest target.
 
     Walks the records down from the head; a rollback to version t undoes everything after t, so
     the walk continues at t. New edits rehearse these facts where they read the rows being
     changed, so that an edit does not silently undo an earlier one.
     """
-    facts: list[list[tuple[str, str]]] = []
+    facts: list[tuple[str, str]] = []  # newest first
+    seen: set[str] = set()  # a later injection with the same prompt supersedes an earlier one
     version = store.head
     while version > 0:
         record = store.show(version)
@@ -766,9 +768,12 @@ def taught_facts(store) -> list[tuple[str, str]]:
             version = int(record.meta["target"])
             continue
         if record.kind == "inject":
-            facts.append([(f["prompt"], f["target"]) for f in record.meta.get("facts", [])])
+            for fact in reversed(record.meta.get("facts", [])):
+                if fact["prompt"] not in seen:
+                    seen.add(fact["prompt"])
+                    facts.append((fact["prompt"], fact["target"]))
         version = record.parent if record.parent is not None else 0
-    return [fact for batch in reversed(facts) for fact in batch]
+    return facts[::-1]
 
 
 def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], object] | None:
