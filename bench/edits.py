@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -80,7 +81,9 @@ def edit_set(corpus, n: int, seed: int = 1) -> list[EditCase]:
 class Method:
     name = ""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, **overrides):
+        if overrides:
+            raise SystemExit(f"--set applies to the memslot methods only, not {self.name}")
         self.model, self.tok = load_model(model_dir)
 
     def edit(self, prompt: str, target: str) -> None:
@@ -92,10 +95,10 @@ class Memslot(Method):
     ranking = "tfidf"
     rehearse = True  # earlier edits that read the rows being changed are kept answering
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, **overrides):
         super().__init__(model_dir)
         usage, tokens = load_slot_usage(model_dir)
-        cfg = EditConfig(ranking=self.ranking)
+        cfg = EditConfig(ranking=self.ranking, **overrides)
         self.editor = Editor(self.model, self.tok, usage, cfg, usage_tokens=tokens)
         self.taught: list[tuple[str, str]] = []
 
@@ -169,8 +172,10 @@ class Full(WeightFinetune):
 METHODS = {m.name: m for m in (Memslot, MemslotNoRehearsal, AllSlots, FFNLayer, Full)}
 
 
-def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pairs) -> dict:
-    method = method_cls(model_dir)
+def run(
+    method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pairs, overrides=None
+) -> dict:
+    method = method_cls(model_dir, **(overrides or {}))
     model, tok = method.model, method.tok
     before_local = exact_match(model, tok, locality_pairs)
     reliable, latencies = [], []
@@ -179,6 +184,14 @@ def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pair
         method.edit(case.prompt, case.fact.answer)
         latencies.append(time.perf_counter() - started)
         reliable.append(exact_match(model, tok, [(case.prompt, case.fact.answer)])[0])
+        done = len(latencies)
+        if done % 50 == 0 and done < len(cases):
+            print(
+                f"  {method.name}: {done}/{len(cases)} edits, p50 so far "
+                f"{1000 * statistics.median(latencies):.0f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     retained = exact_match(model, tok, [(c.prompt, c.fact.answer) for c in cases])
     para_pairs = [(p, c.fact.answer) for c in cases for p in c.paraphrases]
     general = exact_match(model, tok, para_pairs)
@@ -195,13 +208,33 @@ def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pair
     }
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """FIELD=VALUE strings -> EditConfig keyword arguments, typed like the field's default."""
+    defaults = EditConfig()
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with an EditConfig field")
+        out[key] = type(getattr(defaults, key))(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/demo")
     parser.add_argument("--t", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--locality-facts", type=int, default=300)
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="EditConfig overrides for the memslot methods, e.g. --set rows_per_fact=32",
+    )
     args = parser.parse_args()
+    overrides = parse_overrides(args.set)
     torch.set_grad_enabled(False)
     corpus = load_corpus(args.model)
     cases_all = edit_set(corpus, max(args.t))
@@ -216,6 +249,8 @@ def main() -> None:
         f"# edits: half counterfactuals of known facts, half facts about unseen people; "
         f"locality over {len(locality_pairs)} unrelated known facts"
     )
+    if overrides:
+        print(f"# EditConfig overrides for the memslot methods: {overrides}")
     header = (
         "| method | T | reliability | generalization | locality | retention | p50 ms | p99 ms |"
     )
@@ -223,7 +258,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.methods:
         for t in args.t:
-            r = run(METHODS[name], args.model, corpus, cases_all[:t], locality_pairs)
+            settings = overrides if issubclass(METHODS[name], Memslot) else None
+            r = run(METHODS[name], args.model, corpus, cases_all[:t], locality_pairs, settings)
             print(
                 f"| {name} | {t} | {r['reliability']:.2f} | {r['generalization']:.2f} | "
                 f"{r['locality']:.2f} | {r['retention']:.2f} | {r['p50_ms']:.0f} | "

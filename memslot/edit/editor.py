@@ -39,6 +39,10 @@ class EditConfig:
     # Slots each memory head reads while editing; more than the model's top-k also trains the
     # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
     read_topk: int = 12
+    # Slots that more than this share of the background tokens read (the slots every sentence's
+    # end reads, say) are left alone: changing one would move the answers of every fact that
+    # reads it. 1.0 turns the filter off; a fact that reads only such slots still edits them.
+    max_share: float = 0.005
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
@@ -53,6 +57,8 @@ class EditConfig:
             raise EditError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             raise EditError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.max_share <= 1:
+            raise EditError(f"max_share must be in (0, 1], got {self.max_share}")
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Editor:
         self.config = config or EditConfig()
         self.config.validate()
         self.idf = None
+        self.share = None  # per slot, the share of background tokens that read it
         # Per kept fact, the slots it reads at its target positions. Valid while the reads do
         # not depend on the value table, i.e. when the model has a single memory layer.
         self._reads: dict[tuple[str, str], torch.Tensor] = {}
@@ -114,6 +121,8 @@ class Editor:
             mem = model.cfg.memory
             tokens = usage_tokens or int(usage.sum()) // (len(mem.layers) * mem.heads * mem.topk)
             self.idf = idf_weights(usage, tokens).to(model.memory_values.device)
+            counts = usage.sum(0) if usage.dim() == 2 else usage
+            self.share = (counts.double() / max(tokens, 1)).float().cpu()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -221,6 +230,15 @@ class Editor:
         margin = torch.where(mask, target_logit - others, torch.full_like(target_logit, math.inf))
         return ce, logp.sum(1), margin.amin(1)
 
+    @staticmethod
+    def _position_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, T) target logit minus the best other logit (-inf off target)."""
+        logits = logits.float()
+        safe = labels.clamp_min(0).unsqueeze(-1)
+        target = logits.gather(-1, safe).squeeze(-1)
+        others = logits.scatter(-1, safe, float("-inf")).amax(-1)
+        return torch.where(labels != -100, target - others, torch.full_like(target, -math.inf))
+
     def _readers(
         self, kept: list[_Item], table: torch.Tensor, slots: torch.Tensor, topk: int | None
     ) -> list[_Item]:
@@ -239,6 +257,55 @@ class Editor:
         chosen = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
         chosen[slots] = True
         return [it for it in kept if bool(chosen[reads[(it.prompt, it.target)]].any())]
+
+    def _filters_shared(self) -> bool:
+        cfg = self.config
+        return cfg.ranking == "tfidf" and self.share is not None and cfg.max_share < 1
+
+    def _choose(
+        self, lookups, item: _Item, row: int, settled: torch.Tensor, allow_shared: bool
+    ) -> list[RankedSlot]:
+        """The slots to optimise for one fact, best first."""
+        cfg = self.config
+        if cfg.ranking == "all":
+            return rank_slots(lookups, row, item.positions, None, None)
+        # Positions the model already predicts with the margin (the end of an answer, say) need
+        # no new rows: the slots read only there are left to the facts that use them.
+        positions = [p for p in item.positions if not bool(settled[row, p])] or item.positions
+        ranked = rank_slots(lookups, row, positions, self.idf, None)
+        if not allow_shared:
+            ranked = [r for r in ranked if float(self.share[r.slot]) <= cfg.max_share] or ranked
+        return ranked[: item.row_budget]
+
+    def _optimise(self, table, slots, inputs, labels, mask, need, wide):
+        """Adam on the rows ``slots`` until every sequence leads by ``need`` (or the budget)."""
+        cfg = self.config
+        model = self.model
+        rows0 = table[slots].clone()
+        rows = rows0.clone().requires_grad_(True)
+        scale = self._table_scale(table)
+        optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
+        steps = 0
+        with torch.enable_grad():
+            for steps in range(1, cfg.steps + 1):
+                patched = PatchedValues(table, slots, rows)
+                logits = model(inputs, values=patched).logits
+                ce, _, margin = self._scores(logits, labels, mask)
+                loss = ce.sum()
+                if wide:
+                    wide_logits = model(inputs, values=patched, memory_topk=wide).logits
+                    wide_ce, _, wide_margin = self._scores(wide_logits, labels, mask)
+                    margin = torch.minimum(margin, wide_margin)
+                    loss = loss + wide_ce.sum()
+                if bool((margin >= need).all()):
+                    steps -= 1
+                    break
+                if cfg.locality_weight:
+                    loss = loss + cfg.locality_weight * (rows - rows0).pow(2).mean() / scale**2
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return rows.detach(), steps
 
     def _table_scale(self, table: torch.Tensor) -> float:
         """The RMS of the table's values: the unit of the optimiser's steps. Computed once per
@@ -266,6 +333,7 @@ class Editor:
         with torch.no_grad():
             out = model(inputs, values=table)
             ce0, logp0, margin0 = self._scores(out.logits, labels, mask)
+            settled = self._position_margins(out.logits, labels) >= cfg.margin
             if wide:
                 out = model(inputs, values=table, memory_topk=wide)  # rank what the wide read sees
         reports = [
@@ -293,55 +361,42 @@ class Editor:
             rows = table.new_zeros(0, table.shape[1])
             return EditResult(True, empty, rows, reports, 0, time.perf_counter() - started)
 
-        # pick the rows to optimise: the top-ranked slots each fact reads at its targets
-        idf = self.idf if cfg.ranking == "tfidf" else None
-        chosen: set[int] = set()
-        for i in todo:
-            limit = None if cfg.ranking == "all" else items[i].row_budget
-            ranked = rank_slots(out.lookups, i, items[i].positions, idf, limit)
-            reports[i].slots_written = ranked
-            chosen.update(r.slot for r in ranked)
-        slots = torch.tensor(sorted(chosen), dtype=torch.long, device=table.device)
-        readers = self._readers(kept, table, slots, wide) if kept else []
-
-        rows0 = table[slots].clone()
-        rows = rows0.clone().requires_grad_(True)
-        scale = self._table_scale(table)
-        optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
+        # Pick the rows to optimise: the top-ranked slots each fact reads at its targets. First
+        # only slots few background tokens read; if that cannot teach the batch, once more with
+        # the shared slots allowed (fewer facts keep their rows to themselves, but it learns).
         sub = torch.tensor(todo, device=inputs.device)
-        sub_inputs, sub_labels, sub_mask = inputs[sub], labels[sub], mask[sub]
-        n_new = len(todo)
-        if readers:  # rehearse the earlier facts that read these rows, in the same batch
-            sub_inputs, sub_labels, sub_mask = self._batch([items[i] for i in todo] + readers)
-        need = torch.full((len(sub_inputs),), cfg.margin, device=sub_inputs.device)
-        need[n_new:] = cfg.keep_margin
-        steps = 0
-        with torch.enable_grad():
-            for steps in range(1, cfg.steps + 1):
-                patched = PatchedValues(table, slots, rows)
-                logits = model(sub_inputs, values=patched).logits
-                ce, _, margin = self._scores(logits, sub_labels, sub_mask)
-                loss = ce.sum()
-                if wide:
-                    wide_logits = model(sub_inputs, values=patched, memory_topk=wide).logits
-                    wide_ce, _, wide_margin = self._scores(wide_logits, sub_labels, sub_mask)
-                    margin = torch.minimum(margin, wide_margin)
-                    loss = loss + wide_ce.sum()
-                if bool((margin >= need).all()):
-                    steps -= 1
-                    break
-                if cfg.locality_weight:
-                    loss = loss + cfg.locality_weight * (rows - rows0).pow(2).mean() / scale**2
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        new_rows = rows.detach()
-
-        with torch.no_grad():
-            patched = table.index_put((slots,), new_rows)
-            ce1, logp1, margin1 = self._scores(
-                model(sub_inputs, values=patched).logits, sub_labels, sub_mask
+        attempts = (False, True) if self._filters_shared() else (True,)
+        steps, tried = 0, None
+        for allow_shared in attempts:
+            ranked = {
+                i: self._choose(out.lookups, items[i], i, settled, allow_shared) for i in todo
+            }
+            chosen = sorted({r.slot for i in todo for r in ranked[i]})
+            if chosen == tried:
+                break  # no shared slot among them: a second attempt would repeat the first
+            tried = chosen
+            slots = torch.tensor(chosen, dtype=torch.long, device=table.device)
+            readers = self._readers(kept, table, slots, wide) if kept else []
+            batch = [items[i] for i in todo] + readers
+            sub_inputs, sub_labels, sub_mask = (
+                self._batch(batch) if readers else (inputs[sub], labels[sub], mask[sub])
             )
+            need = torch.full((len(batch),), cfg.margin, device=sub_inputs.device)
+            need[len(todo) :] = cfg.keep_margin  # rehearsed earlier facts
+            new_rows, taken = self._optimise(
+                table, slots, sub_inputs, sub_labels, sub_mask, need, wide
+            )
+            steps += taken
+            with torch.no_grad():
+                patched = table.index_put((slots,), new_rows)
+                ce1, logp1, margin1 = self._scores(
+                    model(sub_inputs, values=patched).logits, sub_labels, sub_mask
+                )
+            if bool((margin1 > 0).all()):
+                break
+        for i in todo:
+            reports[i].slots_written = ranked[i]
+
         for j, i in enumerate(todo):
             r = reports[i]
             r.steps = steps
@@ -350,12 +405,12 @@ class Editor:
             r.message = (
                 "learned"
                 if r.success
-                else f"not learned within {cfg.steps} steps (raise steps, lr or rows_per_fact)"
+                else f"not learned within {steps} steps (raise steps, lr or rows_per_fact)"
                 if not readers
-                else f"not learned within {cfg.steps} steps while keeping {len(readers)} earlier "
+                else f"not learned within {steps} steps while keeping {len(readers)} earlier "
                 "edit's fact(s) that read the same rows answering (a fact it contradicts?)"
             )
-        kept_ok = bool((margin1[n_new:] > 0).all()) if readers else True
+        kept_ok = bool((margin1[len(todo) :] > 0).all()) if readers else True
         if not kept_ok:
             for i in (i for i in todo if reports[i].success):
                 reports[i].success = False
