@@ -71,25 +71,37 @@ def bench_ms(fn, rep_ms: int = 200) -> float:
 
 # (block_n, block_c, num_warps, num_stages, bisection steps for the bound (0: a sort))
 TOPK_KEYS = ("block_n", "block_c", "num_warps", "num_stages", "bisect")
-TOPK_VARIANTS = [
-    dict(zip(TOPK_KEYS, v, strict=True))
-    for v in [
-        (64, 64, 4, 2, 12),
-        (64, 64, 4, 3, 12),
-        (64, 64, 4, 1, 12),
-        (64, 64, 8, 2, 12),
-        (128, 64, 8, 3, 12),
-        (64, 128, 8, 2, 12),
-        (64, 128, 4, 1, 12),
-        (32, 128, 4, 2, 12),
-        (64, 64, 4, 2, 0),
+TOPK_VARIANTS = (
+    [
+        dict(zip(TOPK_KEYS, v, strict=True))
+        for v in [
+            (64, 64, 4, 2, 12),
+            (64, 64, 4, 3, 12),
+            (64, 64, 4, 1, 12),
+            (64, 64, 8, 2, 12),
+            (128, 64, 8, 3, 12),
+            (64, 128, 8, 2, 12),
+            (64, 128, 4, 1, 12),
+            (32, 128, 4, 2, 12),
+            (64, 64, 4, 2, 0),
+        ]
     ]
-] + [  # the stages of the half kernel: pass one only, passes one and two
-    dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop) for stop in (1, 2)
-]
+    + [  # candidate places: 0 a scan and plain stores, 1 a triangle product, 2 that + in-place stores
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan)
+        for scan in (0, 1, 2)
+    ]
+    + [  # the combine kernel's tile: rows per program, warps
+        dict(combine_rows=r, combine_warps=w)
+        for r, w in [(16, 4), (64, 4), (32, 2), (64, 8), (16, 2)]
+    ]
+    + [  # the stages of the half kernel: pass one only, passes one and two, the half kernel whole
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop)
+        for stop in (1, 2, 3)
+    ]
+)
 ROWS_VARIANTS = [
     dict(block_p=p, block_d=d, num_warps=w)
-    for p, d, w in [(1, 1024, 4), (1, 512, 4), (1, 256, 2), (2, 1024, 4), (4, 1024, 4)]
+    for p, d, w in [(1, 1024, 4), (1, 512, 4), (2, 1024, 4), (1, 1024, 2), (1, 1024, 1)]
 ]
 
 
@@ -361,6 +373,9 @@ def gpu_bench(args) -> None:
             f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
         )
         layer_fwd[n_keys] = times["triton"][0]
+        if args.profile and n_keys == args.n_keys[0]:
+            profile("layer forward", fwd)
+            profile("layer forward+backward", step)
         for label, i, ffn_ms in (("forward", 0, ffn_fwd), ("forward+backward", 1, ffn_fb)):
             t, r = times["triton"][i], times["reference"][i]
             row(
@@ -381,6 +396,27 @@ def gpu_bench(args) -> None:
                 "",
                 "target <= 1.3x",
             )
+        )
+
+
+def profile(what: str, fn, reps: int = 5) -> None:
+    """Device time per kernel over ``reps`` calls of fn (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / reps / 1e3
+    print(f"  profile of {what}: {total:.3f} ms of kernels per call")
+    for e in events[:24]:
+        print(
+            f"    {e.device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:<3d} {e.key[:110]}"
         )
 
 
@@ -447,6 +483,7 @@ def main() -> None:
     p.add_argument("--n-keys", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--sweep", action="store_true", help="time tile variants of each kernel too")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of the 1M layer")
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         gpu_bench(args)

@@ -87,6 +87,27 @@ def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scan", [0, 1, 2])
+def test_fused_topk_places_candidates_alike_by_scan_or_triangle_product(scan, dtype):
+    # 0: a prefix sum and plain stores; 1: places by a product with the strict triangle; 2: the
+    # same with stores in the registers' layout (inline PTX: on a GPU only)
+    if scan == 2 and not CUDA:
+        pytest.skip("inline PTX stores run on a GPU only")
+    n, heads, n_keys, half, topk = 40 * BIG, 2, 200, 16, 8  # several chunks, a masked tail
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=scan + 9, dtype=dtype)
+    got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, block_c=32, scan=scan)
+    up = [t.float() for t in (q1, q2, k1, k2)]
+    want_scores, want_slots = reference.brute_force_topk(*up, topk)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got[0], want_scores) < tol
+    if dtype == torch.float32:
+        assert torch.equal(got[1].sort(-1).values, want_slots.sort(-1).values)
+    # every way of placing the candidates ranks them the same
+    base = triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, block_c=32, scan=0)
+    assert torch.equal(got[1], base[1]) and torch.equal(got[0], base[0])
+
+
 def test_fused_topk_in_bf16_picks_slots_as_good_as_fp64():
     q1, q2, k1, k2 = random_keys(40 * BIG, 2, 64, 16, seed=7, dtype=torch.bfloat16)
     topk = 8

@@ -64,6 +64,24 @@ def _unpack(key):
 
 
 @triton.jit
+def _store_in_place(ptr, value, mask):
+    """``tl.store(ptr, value, mask)`` of int64 values, each thread storing the elements it holds.
+
+    A plain scattered store of a tile that comes out of a matrix product first moves the tile
+    into a "coalesced" layout through shared memory (the values, the pointers and the mask);
+    scattered places gain nothing from that. Inline PTX leaves the layout alone.
+    """
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.b64 [$1], $3; mov.u32 $0, 0; }",
+        "=r,l,r,l",
+        [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32), value],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN: tl.constexpr,
                  IEEE: tl.constexpr):  # fmt: skip
     """Scores of BLOCK_N query rows against the sub-keys ``cols``; -inf past n_keys."""
@@ -141,6 +159,7 @@ def _half_topk_kernel(
     EVEN: tl.constexpr,
     IEEE: tl.constexpr,
     STOP: tl.constexpr,
+    SCAN: tl.constexpr = 0,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
     half_s / half_i (2, N, H, K).
@@ -192,17 +211,35 @@ def _half_topk_kernel(
         return
 
     scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * CAP  # (2, H, N, CAP) keys
+    if SCAN != 0:
+        tri = ccol[:, None] < ccol[None, :]  # tri[c', c] = c' < c: keep @ tri counts kept before c
+        if IEEE:
+            tri = tri.to(tl.float32)
+        else:
+            tri = tri.to(tl.bfloat16)
     count = tl.zeros((BLOCK_N,), tl.int32)
     for c0 in range(0, n_keys, BLOCK_C):
         cols = c0 + ccol
         s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
         keep = s >= bound[:, None]
-        place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        tl.store(
-            scratch + rows[:, None] * CAP + place,
-            _pack(s, cols[None, :]),
-            mask=keep & (place < CAP) & row_mask[:, None],
-        )
+        if SCAN == 0:
+            place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            tl.store(
+                scratch + rows[:, None] * CAP + place,
+                _pack(s, cols[None, :]),
+                mask=keep & (place < CAP) & row_mask[:, None],
+            )
+        else:  # places by a matrix product with the strict triangle: stays in the dot layout
+            if IEEE:
+                before = tl.dot(keep.to(tl.float32), tri, input_precision="ieee")
+            else:
+                before = tl.dot(keep.to(tl.bfloat16), tri)
+            place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), CAP)
+            dst = scratch + rows[:, None] * CAP + place
+            if SCAN == 1:
+                tl.store(dst, _pack(s, cols[None, :]), mask=place < CAP)
+            else:  # a store in the registers' own layout (no conversion to a coalesced one)
+                _store_in_place(dst, _pack(s, cols[None, :]), place < CAP)
         count += tl.sum(keep.to(tl.int32), axis=1)
     if STOP == 2:
         tl.store(half_i_ptr + out_off, tl.broadcast_to(count[:, None], (BLOCK_N, KP)), out_mask)
@@ -317,9 +354,12 @@ def _next_pow2(x: int, floor: int = 1) -> int:
 
 def _default_tiles(N: int) -> dict:
     """Tiles of the half kernel for N rows (H200 sweeps: best at 1,024 and 4,096 sub-keys)."""
+    # places of the candidates: 2 = triangle product and stores in place (inline PTX, which the
+    # interpreter cannot run: 1, the same with plain stores, there)
+    scan = 1 if _INTERPRETED else 2
     if N < 1024:
-        return dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
-    return dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
+        return dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12, scan=scan)
+    return dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan)
 
 
 def product_key_topk_forward(
@@ -336,6 +376,9 @@ def product_key_topk_forward(
     num_stages: int | None = None,
     bisect: int | None = None,
     stop: int = 0,
+    scan: int | None = None,
+    combine_rows: int = 32,
+    combine_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -344,7 +387,8 @@ def product_key_topk_forward(
     (N, H, topk) int64. With ``save_for_backward``, half_idx (2, N, H, topk) int32 holds the
     sub-keys each half kept and pair_rank (2, N, H, topk) int32 the half-ranks each pick
     combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
-    ``stop`` 1 or 2 ends after pass one or two of the half kernel and returns garbage (timing).
+    ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
+    and returns garbage (timing).
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -376,17 +420,17 @@ def product_key_topk_forward(
         K=topk, KP=kp, CAP=cap, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
         BISECT=tiles["bisect"] if bisect is None else bisect,
         EVEN=n_keys % block_c == 0 and half == half_p2,
-        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop,
+        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
+        SCAN=tiles["scan"] if scan is None else scan,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
     )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
-        return scores, slots, half_s, half_idx
+        return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
     pair_a, pair_b = _candidate_pairs(topk, device)
-    block_r = 32
-    _combine_kernel[(triton.cdiv(N * H, block_r),)](
+    _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
         half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
-        pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=block_r,
-        SAVE_FOR_BACKWARD=save_for_backward, num_warps=4,
+        pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
+        SAVE_FOR_BACKWARD=save_for_backward, num_warps=combine_warps,
     )  # fmt: skip
     if not save_for_backward:
         return scores, slots, None, None
