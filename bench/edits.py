@@ -216,7 +216,13 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not hasattr(defaults, key):
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with an EditConfig field")
-        out[key] = type(getattr(defaults, key))(value)
+        kind = type(getattr(defaults, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--set {pair!r}: {key} takes true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
     return out
 
 

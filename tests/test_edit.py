@@ -92,6 +92,72 @@ def test_a_new_target_for_a_kept_prompt_is_a_correction_not_a_contradiction(tiny
     assert generate(model, tok, kept[0]).text == cities[1]
 
 
+def _reads(model, tok, prompt: str, target: str, topk: int | None = None) -> set[int]:
+    """The slots the model reads at the positions that predict the target's tokens."""
+    head = [tok.bos_id] + tok.encode(prompt)
+    ids = head + tok.encode(" " + target) + [tok.eos_id]
+    with torch.no_grad():
+        lookups = model(torch.tensor([ids]), memory_topk=topk).lookups
+    positions = list(range(len(head) - 1, len(ids) - 1))
+    return {s for lk in lookups for s in lk.slots[0, positions].flatten().tolist()}
+
+
+def _editor_with_heavy_slots(tiny_model_dir, heavy: set[int], **config):
+    """An editor whose background usage says that every token read the ``heavy`` slots."""
+    model, tok = load_model(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    usage = usage.clone()
+    usage[:, sorted(heavy)] = tokens
+    return model, tok, Editor(model, tok, usage, EditConfig(**config), usage_tokens=tokens)
+
+
+def test_slots_most_background_tokens_read_are_left_alone_when_rare_ones_teach_the_fact(
+    tiny_model_dir,
+):
+    model, tok = load_model(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    prompt, target = f"{corpus.reserved_names[3]} was born in", corpus.answers_for("birth_city")[1]
+    # The slots only the editor's wider read reaches are "read by every sentence"; the model's
+    # own reads are rare and can carry the fact.
+    own = _reads(model, tok, prompt, target)
+    heavy = _reads(model, tok, prompt, target, topk=EditConfig().read_topk) - own
+    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy)
+    result = editor.edit_facts([(prompt, target)], force=True)
+    assert result.success, result.reports
+    assert not heavy & set(result.slots.tolist())
+    apply(model, result)
+    assert generate(model, tok, prompt).text == target
+    # with the filter off, the ranking alone does write some of them
+    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy, shared_ratio=0)
+    result = editor.edit_facts([(prompt, target)], force=True)
+    assert result.success and heavy & set(result.slots.tolist())
+
+
+def test_when_rare_slots_cannot_teach_the_fact_the_shared_ones_are_used(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    prompt, target = f"{corpus.reserved_names[4]} works for", corpus.answers_for("employer")[2]
+    # Every slot the model itself reads at the target positions is heavy; the rare ones are only
+    # in the editor's wider read, which the model's answer does not use: the first attempt must
+    # fail, and the edit then learns through the heavy slots.
+    heavy = _reads(model, tok, prompt, target)
+    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy)
+    before = model.memory_values.detach().clone()
+    result = editor.edit_facts([(prompt, target)], force=True)
+    assert result.success, result.reports
+    assert heavy & set(result.slots.tolist())
+    assert result.steps > editor.config.steps  # the rare-only attempt spent its budget
+    assert torch.equal(model.memory_values, before)
+    apply(model, result)
+    assert generate(model, tok, prompt).text == target
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_negative_shared_ratio_is_rejected(bad):
+    with pytest.raises(EditError, match="shared_ratio"):
+        EditConfig(shared_ratio=bad).validate()
+
+
 def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):
     model, tok, editor, corpus = tiny
     before = model.memory_values.detach().clone()

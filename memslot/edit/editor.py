@@ -39,10 +39,14 @@ class EditConfig:
     # Slots each memory head reads while editing; more than the model's top-k also trains the
     # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
     read_topk: int = 12
-    # Slots that more than this share of the background tokens read (the slots every sentence's
-    # end reads, say) are left alone: changing one would move the answers of every fact that
-    # reads it. 1.0 turns the filter off; a fact that reads only such slots still edits them.
-    max_share: float = 0.005
+    # Shared slots, read in the background more than this many times as often as the average
+    # slot that is read at all (the slots every sentence's end reads, say), are left alone:
+    # changing one moves the answers of every fact that reads it. An edit that cannot be taught
+    # without them is retried with them. 0 turns the filter off.
+    shared_ratio: float = 4.0
+    # Also optimise the slots read at the prompt's own positions (where its subject is), which
+    # other phrasings of the same question read too.
+    prompt_reads: bool = False
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
@@ -57,8 +61,8 @@ class EditConfig:
             raise EditError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             raise EditError(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.max_share <= 1:
-            raise EditError(f"max_share must be in (0, 1], got {self.max_share}")
+        if not self.shared_ratio >= 0:
+            raise EditError(f"shared_ratio must be >= 0 (0 = off), got {self.shared_ratio}")
 
 
 @dataclass
@@ -112,7 +116,7 @@ class Editor:
         self.config = config or EditConfig()
         self.config.validate()
         self.idf = None
-        self.share = None  # per slot, the share of background tokens that read it
+        self.usage = None  # per slot, background reads over the mean of the slots read
         # Per kept fact, the slots it reads at its target positions. Valid while the reads do
         # not depend on the value table, i.e. when the model has a single memory layer.
         self._reads: dict[tuple[str, str], torch.Tensor] = {}
@@ -121,8 +125,9 @@ class Editor:
             mem = model.cfg.memory
             tokens = usage_tokens or int(usage.sum()) // (len(mem.layers) * mem.heads * mem.topk)
             self.idf = idf_weights(usage, tokens).to(model.memory_values.device)
-            counts = usage.sum(0) if usage.dim() == 2 else usage
-            self.share = (counts.double() / max(tokens, 1)).float().cpu()
+            counts = (usage.sum(0) if usage.dim() == 2 else usage).double()
+            read = counts[counts > 0]
+            self.usage = (counts / (read.mean() if len(read) else 1.0)).float().cpu()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -260,7 +265,7 @@ class Editor:
 
     def _filters_shared(self) -> bool:
         cfg = self.config
-        return cfg.ranking == "tfidf" and self.share is not None and cfg.max_share < 1
+        return cfg.ranking == "tfidf" and self.usage is not None and cfg.shared_ratio > 0
 
     def _choose(
         self, lookups, item: _Item, row: int, settled: torch.Tensor, allow_shared: bool
@@ -272,9 +277,11 @@ class Editor:
         # Positions the model already predicts with the margin (the end of an answer, say) need
         # no new rows: the slots read only there are left to the facts that use them.
         positions = [p for p in item.positions if not bool(settled[row, p])] or item.positions
+        if cfg.prompt_reads:
+            positions = list(range(1, item.positions[0])) + positions
         ranked = rank_slots(lookups, row, positions, self.idf, None)
         if not allow_shared:
-            ranked = [r for r in ranked if float(self.share[r.slot]) <= cfg.max_share] or ranked
+            ranked = [r for r in ranked if float(self.usage[r.slot]) <= cfg.shared_ratio] or ranked
         return ranked[: item.row_budget]
 
     def _optimise(self, table, slots, inputs, labels, mask, need, wide):
