@@ -90,9 +90,9 @@ TOPK_VARIANTS = (
         dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan)
         for scan in (0, 1, 2)
     ]
-    + [  # the combine kernel's tile: rows per program, warps
-        dict(combine_rows=r, combine_warps=w)
-        for r, w in [(16, 4), (64, 4), (32, 2), (64, 8), (16, 2)]
+    + [  # candidate places per row in scratch (64: a block with a row over 64 rescans the keys)
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, wide=wide)
+        for wide in (64, 128, 256)
     ]
     + [  # the stages of the half kernel: pass one only, passes one and two, the half kernel whole
         dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop)
@@ -178,6 +178,15 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
         "",
         f"reference {ref_ms:.3f} ms ({ref_ms / ms:.1f}x); target <= 0.5 ms at 1,024",
     )
+    leaves = [t.clone().requires_grad_() for t in (q1, q2, k1, k2)]
+    grad = torch.randn(N, H, K, device=dev, generator=g)
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        triton_topk.product_key_topk(*leaves, K)[0].backward(grad)
+
+    row(f"  top-k forward+backward, {n_keys} sub-keys", bench_ms(fwd_bwd))
 
 
 def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:

@@ -56,9 +56,11 @@ def test_fused_topk_equals_brute_force_in_fp32(n, heads, n_keys, half, topk):
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
-def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many():
+@pytest.mark.parametrize("wide,block_n", [(16, 16), (512, 16), (256, 64)])
+def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many(wide, block_n):
     # 16 groups of ~19 sub-keys and k = 16: the bound is the smallest group maximum, so far more
-    # than the 16 candidate places reach it and every block takes the exact fallback path
+    # than the 16 candidate places reach it: with wide = 16 every block rescans the keys with the
+    # sort network, with 256 or 512 places it ranks the candidates kept there, 16 rows at a time
     n, heads, n_keys, half, topk = 6, 2, 300, 8, 16
     q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=5)
     group_max = torch.einsum("nhd,hkd->nhk", q1, k1)
@@ -66,7 +68,7 @@ def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many():
     bound = group_max.view(n, heads, -1, 16).amax(2).amin(-1, keepdim=True)
     assert (torch.einsum("nhd,hkd->nhk", q1, k1) >= bound).sum(-1).min() > 16
     scores, slots, _, _ = triton_topk.product_key_topk_forward(
-        q1, q2, k1, k2, topk, block_c=16, cap=16
+        q1, q2, k1, k2, topk, block_c=16, cap=16, wide=wide, block_n=block_n
     )
     want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
     torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)

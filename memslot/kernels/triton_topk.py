@@ -7,8 +7,13 @@ of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a 
 those maxima gives a value that K of them reach: a lower bound on the K-th best score. The
 second compacts the few scores at or above it (about 43 of 1,024 on random keys) into a small
 per-row scratch list, which one bitonic top-k (``tl.topk`` on packed (score, index) int64 keys)
-ranks. Rows with too many candidates fall back to a top-k network over every chunk. Neither the
-scores nor the k x k sums reach global memory; each half's sorted top-k does (16 bytes a pick).
+ranks. Each candidate's place is its row's count so far plus a matrix product of the chunk's
+kept mask with the strict upper triangle, and the candidates are stored by inline PTX in the
+matrix product's own register layout (a plain ``tl.store`` first moves the tile, its pointers
+and its mask to another layout through shared memory). A block with a row of more than CAP
+candidates ranks them from WIDE places, SUB rows at a time; past WIDE it falls back to a top-k
+network over every chunk. Neither the scores nor the k x k sums reach global memory; each
+half's sorted top-k does (16 bytes a pick).
 
 The combine kernel never forms the k x k sums either: with both halves sorted in descending
 order, the pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
@@ -17,7 +22,8 @@ candidates are gathered from registers and ranked by one more top-k network.
 
 The backward is deterministic: the gradient of each kept half-score is a sum over the final
 picks that used it, formed in a fixed order per row and scattered (unique indices, no atomics)
-into a dense (N, H, n_keys) matrix that two matrix products turn into query and key gradients.
+into a dense (H, N, n_keys) matrix per half, written whole by the same kernel, that two batched
+matrix products turn into query and key gradients.
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def _half_topk_kernel(
     k1_ptr,
     k2_ptr,
     scratch_ptr,
+    count_ptr,
     half_s_ptr,
     half_i_ptr,
     N,
@@ -152,6 +159,8 @@ def _half_topk_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,
     CAP: tl.constexpr,
+    WIDE: tl.constexpr,
+    SUB: tl.constexpr,
     HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -210,7 +219,7 @@ def _half_topk_kernel(
         tl.store(half_s_ptr + out_off, tl.broadcast_to(bound[:, None], (BLOCK_N, KP)), out_mask)
         return
 
-    scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * CAP  # (2, H, N, CAP) keys
+    scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * WIDE  # (2, H, N, WIDE) keys
     if SCAN != 0:
         tri = ccol[:, None] < ccol[None, :]  # tri[c', c] = c' < c: keep @ tri counts kept before c
         if IEEE:
@@ -225,47 +234,86 @@ def _half_topk_kernel(
         if SCAN == 0:
             place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
             tl.store(
-                scratch + rows[:, None] * CAP + place,
+                scratch + rows[:, None] * WIDE + place,
                 _pack(s, cols[None, :]),
-                mask=keep & (place < CAP) & row_mask[:, None],
+                mask=keep & (place < WIDE) & row_mask[:, None],
             )
         else:  # places by a matrix product with the strict triangle: stays in the dot layout
             if IEEE:
                 before = tl.dot(keep.to(tl.float32), tri, input_precision="ieee")
             else:
                 before = tl.dot(keep.to(tl.bfloat16), tri)
-            place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), CAP)
-            dst = scratch + rows[:, None] * CAP + place
+            place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), WIDE)
+            dst = scratch + rows[:, None] * WIDE + place
             if SCAN == 1:
-                tl.store(dst, _pack(s, cols[None, :]), mask=place < CAP)
+                tl.store(dst, _pack(s, cols[None, :]), mask=place < WIDE)
             else:  # a store in the registers' own layout (no conversion to a coalesced one)
-                _store_in_place(dst, _pack(s, cols[None, :]), place < CAP)
+                _store_in_place(dst, _pack(s, cols[None, :]), place < WIDE)
         count += tl.sum(keep.to(tl.int32), axis=1)
     if STOP == 2:
         tl.store(half_i_ptr + out_off, tl.broadcast_to(count[:, None], (BLOCK_N, KP)), out_mask)
         return
     tl.debug_barrier()  # the program's scratch stores before its loads
-    fits = tl.max(tl.where(row_mask, count, 0), axis=0) <= CAP
-    fits = fits & (tl.min(tl.where(row_mask, count, K), axis=0) >= K)
-    if fits:
+    most = tl.max(tl.where(row_mask, count, 0), axis=0)
+    enough = tl.min(tl.where(row_mask, count, K), axis=0) >= K
+    if enough & (most <= CAP):  # the common case: every row's candidates in CAP places
         slot = tl.arange(0, CAP)
         cand = tl.load(
-            scratch + rows[:, None] * CAP + slot[None, :],
+            scratch + rows[:, None] * WIDE + slot[None, :],
             mask=(slot[None, :] < count[:, None]) & row_mask[:, None],
             other=-9223372036854775807,  # below every real key
         )
-        best = tl.topk(cand, KP)
+        _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, tl.topk(cand, KP))
     else:
-        best = tl.full((BLOCK_N, KP), -9223372036854775807, tl.int64)
-        for c0 in range(0, n_keys, BLOCK_C):
-            cols = c0 + ccol
-            s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
-            chunk = tl.topk(_pack(s, cols[None, :]), KP)  # (BLOCK_N, KP), descending
-            # the larger half of two descending lists is max(a, reversed b), then a sort
-            best = tl.sort(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+        if WIDE > CAP:
+            if enough & (most <= WIDE):  # rare: ranked from WIDE places, SUB rows at a time
+                counts = count_ptr + (which * H + h) * N
+                tl.store(counts + rows, count, mask=row_mask)
+                tl.debug_barrier()
+                wslot = tl.arange(0, WIDE)
+                for r0 in range(0, BLOCK_N, SUB):
+                    srows = tl.program_id(0) * BLOCK_N + r0 + tl.arange(0, SUB)
+                    smask = srows < N
+                    scount = tl.load(counts + srows, mask=smask, other=0)
+                    cand = tl.load(
+                        scratch + srows[:, None] * WIDE + wslot[None, :],
+                        mask=(wslot[None, :] < scount[:, None]) & smask[:, None],
+                        other=-9223372036854775807,
+                    )
+                    soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
+                    smk = smask[:, None] & (kcol[None, :] < K)
+                    _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
+            else:
+                best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N,
+                                         KP, BLOCK_C, EVEN, IEEE)  # fmt: skip
+                _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, best)
+        else:
+            best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
+                                     BLOCK_C, EVEN, IEEE)  # fmt: skip
+            _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, best)
+
+
+@triton.jit
+def _store_half(half_s_ptr, half_i_ptr, off, mask, best):
+    """Store a half's sorted top-k keys as scores and sub-key indices."""
     top_s, top_i = _unpack(best)
-    tl.store(half_s_ptr + out_off, top_s, mask=out_mask)
-    tl.store(half_i_ptr + out_off, top_i, mask=out_mask)
+    tl.store(half_s_ptr + off, top_s, mask=mask)
+    tl.store(half_i_ptr + off, top_i, mask=mask)
+
+
+@triton.jit
+def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl.constexpr,
+                      KP: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr,
+                      IEEE: tl.constexpr):  # fmt: skip
+    """The exact fallback: every chunk's top-KP by the sort network, merged into a running best."""
+    best = tl.full((BLOCK_N, KP), -9223372036854775807, tl.int64)
+    for c0 in range(0, n_keys, BLOCK_C):
+        cols = c0 + ccol
+        s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
+        chunk = tl.topk(_pack(s, cols[None, :]), KP)  # (BLOCK_N, KP), descending
+        # the larger half of two descending lists is max(a, reversed b), then a sort
+        best = tl.sort(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+    return best
 
 
 @triton.jit
@@ -326,16 +374,26 @@ def _half_score_grad_kernel(
     pair_rank_ptr,
     dense_ptr,
     R,
+    H,
+    N,
     n_keys,
     K: tl.constexpr,
     KP: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """dense[half, r, half_idx[half, r, a]] = sum_j grad[r, j] * (pair_rank[half, r, j] == a)."""
+    """Whole rows of dense (2, H, N, n_keys): zeros, and at half_idx[half, r, a] the sum over
+    the picks j of row r = n * H + h that combined half-rank a, grad[r, j].
+
+    The program writes its rows' zeros and then, after a barrier, their few non-zeros, so the
+    scattered stores land in lines it has just written (in L2) instead of a table zeroed by an
+    earlier kernel (in DRAM).
+    """
     half = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
     kcol = tl.arange(0, KP)
-    mask = (rows[:, None] < R) & (kcol[None, :] < K)
+    mask = row_mask[:, None] & (kcol[None, :] < K)
     off = rows[:, None] * K + kcol[None, :]
     g = tl.load(grad_ptr + off, mask=mask, other=0.0).to(tl.float32)
     rank = tl.load(pair_rank_ptr + half * R * K + off, mask=mask, other=-1)
@@ -344,8 +402,16 @@ def _half_score_grad_kernel(
     for a in range(K):
         total = tl.sum(tl.where(rank == a, g, 0.0), axis=1)
         acc = tl.where(kcol[None, :] == a, total[:, None], acc)
-    dst = dense_ptr + half * R * n_keys + rows[:, None].to(tl.int64) * n_keys + kept
-    tl.store(dst, acc.to(dense_ptr.dtype.element_ty), mask=mask)
+    out_row = (half * H + rows % H).to(tl.int64) * N + rows // H  # (half, h, n)
+    base = dense_ptr + out_row * n_keys  # (BLOCK_R,)
+    zeros = tl.zeros((BLOCK_R, BLOCK_K), dense_ptr.dtype.element_ty)
+    for k0 in range(0, n_keys, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tl.store(
+            base[:, None] + cols[None, :], zeros, mask=row_mask[:, None] & (cols < n_keys)[None, :]
+        )
+    tl.debug_barrier()  # the zeros before the values that overwrite some of them
+    tl.store(base[:, None] + kept, acc.to(dense_ptr.dtype.element_ty), mask=mask)
 
 
 def _next_pow2(x: int, floor: int = 1) -> int:
@@ -356,10 +422,14 @@ def _default_tiles(N: int) -> dict:
     """Tiles of the half kernel for N rows (H200 sweeps: best at 1,024 and 4,096 sub-keys)."""
     # places of the candidates: 2 = triangle product and stores in place (inline PTX, which the
     # interpreter cannot run: 1, the same with plain stores, there)
+    # wide: candidate places per row in scratch, for the rare block with a row over the 64 that
+    # the common path ranks (128 beat 64, i.e. rescanning the keys, and 256 on the H200)
     scan = 1 if _INTERPRETED else 2
     if N < 1024:
-        return dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12, scan=scan)
-    return dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan)
+        tiles = dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
+    else:
+        tiles = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
+    return dict(tiles, scan=scan, wide=128)
 
 
 def product_key_topk_forward(
@@ -379,6 +449,7 @@ def product_key_topk_forward(
     scan: int | None = None,
     combine_rows: int = 32,
     combine_warps: int = 4,
+    wide: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -411,13 +482,19 @@ def product_key_topk_forward(
     block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
     half_p2 = _next_pow2(half, 16)
-    scratch = torch.empty(2, H, N, cap, dtype=torch.int64, device=device)
+    # candidate places per row in scratch: a block with a row of more than cap (but at most
+    # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
+    wide = max(cap, _next_pow2(wide or tiles["wide"]))
+    sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
+    scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
+    counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
     _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
-        q1, q2, keys1, keys2, scratch, half_s, half_idx, N, H, n_keys, half,
+        q1, q2, keys1, keys2, scratch, counts, half_s, half_idx, N, H, n_keys, half,
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
         # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
-        K=topk, KP=kp, CAP=cap, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
+        K=topk, KP=kp, CAP=cap, WIDE=wide, SUB=sub, HALF_P2=half_p2, BLOCK_N=block_n,
+        BLOCK_C=block_c,
         BISECT=tiles["bisect"] if bisect is None else bisect,
         EVEN=n_keys % block_c == 0 and half == half_p2,
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
@@ -441,16 +518,17 @@ def half_score_grads(
     grad_scores: torch.Tensor, half_idx: torch.Tensor, pair_rank: torch.Tensor, n_keys: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
-    """Gradient of the loss with respect to every half-score: (2, N, H, n_keys) in ``dtype``."""
+    """Gradient of the loss with respect to every half-score: (2, H, N, n_keys) in ``dtype``,
+    heads before tokens so that the query and key gradients are plain batched products."""
     _, N, H, K = half_idx.shape
-    dense = torch.zeros(2, N, H, n_keys, dtype=dtype, device=grad_scores.device)
+    dense = torch.empty(2, H, N, n_keys, dtype=dtype, device=grad_scores.device)
     R = N * H
     if R == 0:
         return dense
     block_r = 32
     _half_score_grad_kernel[(triton.cdiv(R, block_r), 2)](
-        grad_scores.contiguous(), half_idx, pair_rank, dense, R, n_keys,
-        K=K, KP=_next_pow2(K, 16), BLOCK_R=block_r,
+        grad_scores.contiguous(), half_idx, pair_rank, dense, R, H, N, n_keys,
+        K=K, KP=_next_pow2(K, 16), BLOCK_R=block_r, BLOCK_K=min(256, _next_pow2(n_keys, 16)),
     )  # fmt: skip
     return dense
 
@@ -473,12 +551,16 @@ class ProductKeyTopK(torch.autograd.Function):
     def backward(ctx, grad_scores, _grad_slots):  # noqa: D102
         q1, q2, keys1, keys2, half_idx, pair_rank = ctx.saved_tensors
         dense = half_score_grads(grad_scores, half_idx, pair_rank, keys1.shape[1], q1.dtype)
-        g1, g2 = dense[0], dense[1]  # (N, H, n_keys) each
         need = ctx.needs_input_grad
-        dq1 = torch.einsum("nhk,hkd->nhd", g1, keys1.to(q1.dtype)) if need[0] else None
-        dq2 = torch.einsum("nhk,hkd->nhd", g2, keys2.to(q1.dtype)) if need[1] else None
-        dk1 = torch.einsum("nhk,nhd->hkd", g1, q1).to(keys1.dtype) if need[2] else None
-        dk2 = torch.einsum("nhk,nhd->hkd", g2, q2).to(keys2.dtype) if need[3] else None
+        grads = []
+        for i, (g, q, k) in enumerate(((dense[0], q1, keys1), (dense[1], q2, keys2))):
+            # g (H, N, n_keys); q (N, H, half); k (H, n_keys, half)
+            dq = torch.bmm(g, k.to(q.dtype)).transpose(0, 1) if need[i] else None
+            dk = (
+                torch.bmm(g.transpose(1, 2), q.transpose(0, 1)).to(k.dtype) if need[2 + i] else None
+            )
+            grads.append((dq, dk))
+        (dq1, dk1), (dq2, dk2) = grads
         return dq1, dq2, dk1, dk2, None
 
 
