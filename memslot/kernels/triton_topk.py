@@ -177,10 +177,13 @@ def _half_topk_kernel(
     1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks; a value
        that K group maxima reach is a lower bound on the row's K-th best score (on random keys
        about 43 of 1,024 scores reach it);
-    2. the scores at or above the bound, packed with their index, are compacted into CAP scratch
-       places per row (a prefix sum gives each its place); one bitonic top-k ranks them.
-    A block where some row has fewer than K or more than CAP candidates falls back to ranking
-    every chunk with the top-k network (exact either way, only slower).
+    2. the scores at or above the bound, packed with their index, are compacted into WIDE
+       scratch places per row (SCAN 0: a prefix sum gives each its place; 1: a product with the
+       strict triangle; 2: that, and stores in the registers' layout); one bitonic top-k ranks
+       the first CAP places of every row.
+    A block where some row has more than CAP candidates ranks its rows SUB at a time from the
+    WIDE places; past WIDE (or with fewer than K) it ranks every chunk with the top-k network
+    (exact either way, only slower).
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
     """
     h = tl.program_id(1)
