@@ -162,3 +162,37 @@ def test_taught_facts_are_the_injections_of_the_versions_the_head_is_made_of(tmp
     inject(3, a)  # v7
     inject(4, ("A is", "9"))  # v8: a correction supersedes the earlier target
     assert taught_facts(store) == [("A is", "9")]
+
+
+def test_the_server_s_taught_facts_cache_follows_the_head_like_the_full_walk(tmp_path):
+    from memslot.memstore import Store
+    from memslot.service.server import TaughtFacts, taught_facts
+
+    store = Store.create(tmp_path / "store", torch.zeros(8, 2))
+    cached = TaughtFacts()
+    seen = []
+
+    def inject(slot: int, *facts: tuple[str, str]) -> None:
+        meta = {"facts": [{"prompt": p, "target": t} for p, t in facts]}
+        store.commit([slot], torch.ones(1, 2), expected_parent=store.head, kind="inject", meta=meta)
+
+    def check() -> None:
+        seen.append(cached(store))
+        assert seen[-1] == taught_facts(store)
+
+    check()
+    inject(0, ("A is", "1"))
+    check()
+    inject(1, ("B is", "2"), ("C is", "3"), ("B is", "4"))  # one record, B twice: the last wins
+    check()
+    assert seen[-1] == [("A is", "1"), ("C is", "3"), ("B is", "4")]
+    inject(2, ("A is", "5"))  # a correction moves A to the end with its new target
+    check()
+    assert seen[-1] == [("C is", "3"), ("B is", "4"), ("A is", "5")]
+    store.rollback(2)  # not an injection: the cache walks the records again
+    check()
+    inject(3, ("D is", "6"))
+    inject(4, ("E is", "7"))  # two commits since the last look: the head's parent is not cached
+    check()
+    store.commit([5], torch.ones(1, 2), expected_parent=store.head, kind="write")
+    check()

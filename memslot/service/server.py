@@ -194,6 +194,7 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
         self.limits = limits or Limits()
         self._editor_factory = editor_factory
         self._editor = None
+        self._taught = TaughtFacts()  # the facts new injections rehearse
         self._write_lock = threading.Lock()
         self._commits = threading.Condition()  # notified after every commit
         self._watchers = 0
@@ -504,7 +505,7 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
             request,
             "inject",
             lambda editor: editor.edit_facts(
-                facts, force=request.force, keep=taught_facts(self.store)
+                facts, force=request.force, keep=self._taught(self.store)
             ),
             {"facts": [{"prompt": p, "target": t} for p, t in facts]},
             f"inject {len(facts)} fact(s)",
@@ -774,6 +775,45 @@ def taught_facts(store) -> list[tuple[str, str]]:
                     facts.append((fact["prompt"], fact["target"]))
         version = record.parent if record.parent is not None else 0
     return facts[::-1]
+
+
+class TaughtFacts:
+    """``taught_facts(store)``, remembered for the last head seen.
+
+    The walk reads one record per version, which grows with every edit; the server's own
+    injections extend the list from its parent's instead (a version's history never changes)."""
+
+    def __init__(self) -> None:
+        self._version: int | None = None
+        self._facts: list[tuple[str, str]] = []
+
+    def __call__(self, store) -> list[tuple[str, str]]:
+        head = store.head
+        if head != self._version:
+            record = store.show(head) if head > 0 else None
+            if (
+                record is not None
+                and record.kind == "inject"
+                and self._version is not None
+                and record.parent == self._version
+            ):
+                self._facts = _supersede(self._facts, record.meta.get("facts", []))
+            else:
+                self._facts = taught_facts(store)
+            self._version = head
+        return list(self._facts)
+
+
+def _supersede(facts: list[tuple[str, str]], new: list[dict]) -> list[tuple[str, str]]:
+    """``facts`` then ``new``, keeping for each prompt only its latest target."""
+    merged = dict.fromkeys(facts)  # ordered set of (prompt, target)
+    by_prompt = {p: (p, t) for p, t in facts}
+    for fact in new:
+        pair = (fact["prompt"], fact["target"])
+        merged.pop(by_prompt.get(pair[0]), None)
+        merged[pair] = None
+        by_prompt[pair[0]] = pair
+    return list(merged)
 
 
 def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], object] | None:
