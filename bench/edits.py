@@ -12,8 +12,12 @@ the same starting model; after the sequence we measure
 
 and the latency of each edit. Methods, side by side on the same model and edit set:
 
-    memslot         TF-IDF-ranked sparse memory fine-tuning (the product)
-    all-slots       fine-tune every slot the fact reads, no ranking
+    memslot         TF-IDF-ranked sparse memory fine-tuning (the product): rows most background
+                    text reads are left alone, and earlier edits that read the changed rows are
+                    rehearsed so that they keep their answers
+    memslot-no-keep the same without rehearsal
+    all-slots       fine-tune every slot the fact reads, no ranking (with rehearsal)
+    all-slots-no-keep  the same without rehearsal
     ffn-layer       fine-tune one dense FFN layer (where ROME/MEMIT edit), rest frozen
     full            fine-tune every weight
 
@@ -120,6 +124,11 @@ class AllSlots(Memslot):
     ranking = "all"
 
 
+class AllSlotsNoRehearsal(AllSlots):
+    name = "all-slots-no-keep"
+    rehearse = False
+
+
 class WeightFinetune(Method):
     """Adam on a set of dense weights until greedy decoding gives the target (or the budget)."""
 
@@ -169,7 +178,9 @@ class Full(WeightFinetune):
         return [p for n, p in self.model.named_parameters() if n != "memory_values"]
 
 
-METHODS = {m.name: m for m in (Memslot, MemslotNoRehearsal, AllSlots, FFNLayer, Full)}
+METHODS = {
+    m.name: m for m in (Memslot, MemslotNoRehearsal, AllSlots, AllSlotsNoRehearsal, FFNLayer, Full)
+}
 
 
 def run(

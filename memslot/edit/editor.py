@@ -44,9 +44,6 @@ class EditConfig:
     # changing one moves the answers of every fact that reads it. An edit that cannot be taught
     # without them is retried with them. 0 turns the filter off.
     shared_ratio: float = 4.0
-    # Also optimise the slots read at the prompt's own positions (where its subject is), which
-    # other phrasings of the same question read too.
-    prompt_reads: bool = False
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
@@ -277,8 +274,6 @@ class Editor:
         # Positions the model already predicts with the margin (the end of an answer, say) need
         # no new rows: the slots read only there are left to the facts that use them.
         positions = [p for p in item.positions if not bool(settled[row, p])] or item.positions
-        if cfg.prompt_reads:
-            positions = list(range(1, item.positions[0])) + positions
         ranked = rank_slots(lookups, row, positions, self.idf, None)
         if not allow_shared:
             ranked = [r for r in ranked if float(self.usage[r.slot]) <= cfg.shared_ratio] or ranked
