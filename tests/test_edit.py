@@ -6,9 +6,16 @@ import torch
 from memslot.demo.corpus import Fact, prompts_for
 from memslot.demo.recipe import load_corpus
 from memslot.edit import EditConfig, EditError, Editor, WriteMode, rank_slots, write_rows
-from memslot.model.checkpoint import load_model, load_slot_usage
+from memslot.model.checkpoint import (
+    ANCHORS,
+    CheckpointError,
+    load_anchors,
+    load_model,
+    load_slot_usage,
+)
 from memslot.model.generate import generate
 from memslot.model.memory import Lookup
+from memslot.model.train import exact_match
 
 
 @pytest.fixture()
@@ -156,6 +163,42 @@ def test_when_rare_slots_cannot_teach_the_fact_the_shared_ones_are_used(tiny_mod
 def test_a_negative_shared_ratio_is_rejected(bad):
     with pytest.raises(EditError, match="shared_ratio"):
         EditConfig(shared_ratio=bad).validate()
+
+
+def test_the_demo_build_writes_anchors_its_model_answers(tiny_model_dir, tmp_path):
+    model, tok = load_model(tiny_model_dir)
+    anchors = load_anchors(tiny_model_dir)
+    assert anchors and all(exact_match(model, tok, anchors))
+    assert load_anchors(tmp_path) == []  # a model folder without anchors has none
+    (tmp_path / ANCHORS).write_text('{"anchors": 3}')
+    with pytest.raises(CheckpointError, match="not an anchors file"):
+        load_anchors(tmp_path)
+
+
+def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    anchors = load_anchors(tiny_model_dir)
+    editor = Editor(model, tok, usage, usage_tokens=tokens, anchors=anchors)
+    # a correction of an anchored fact: the anchor gives way to the new answer
+    prompt, old = anchors[0]
+    new = next(
+        a for a in corpus.answers_for("birth_city") + corpus.answers_for("employer") if a != old
+    )
+    taught = [(prompt, new)]
+    cities = corpus.answers_for("birth_city")
+    taught += [
+        (f"{name} was born in", cities[i]) for i, name in enumerate(corpus.reserved_names[:4])
+    ]
+    done = []
+    for fact in taught:
+        result = editor.edit_facts([fact], force=True, keep=done)
+        assert result.success, result.reports
+        apply(model, result)
+        done.append(fact)
+    assert all(exact_match(model, tok, taught))
+    assert all(exact_match(model, tok, anchors[1:]))  # every other known fact still answers
 
 
 def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):

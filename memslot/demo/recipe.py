@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from memslot.demo.corpus import DemoCorpus, Fact, build_corpus
-from memslot.model.checkpoint import SLOT_USAGE, save_model, save_slot_usage
+from memslot.demo.corpus import DemoCorpus, Fact, build_corpus, prompts_for
+from memslot.model.checkpoint import ANCHORS, SLOT_USAGE, save_anchors, save_model, save_slot_usage
 from memslot.model.config import MemoryConfig, ModelConfig
 from memslot.model.tokenizer import Tokenizer
 from memslot.model.train import (
@@ -98,6 +98,15 @@ def evaluate(
     }
 
 
+def demo_anchors(model, tokenizer, corpus: DemoCorpus) -> list[tuple[str, str]]:
+    """One training phrasing of each fact the trained model answers: the known facts that edits
+    protect (the other phrasings are left to measure how well that protection carries over)."""
+    pairs = [(prompts_for(f)[0], f.answer) for f in corpus.facts]
+    with torch.no_grad():
+        known = exact_match(model, tokenizer, pairs)
+    return [pair for pair, ok in zip(pairs, known, strict=True) if ok]
+
+
 def save_corpus(corpus: DemoCorpus, path: Path) -> None:
     data = {
         "seed": corpus.seed,
@@ -148,6 +157,8 @@ def train_demo(
     out = save_model(model.cpu(), tokenizer, out_dir)
     save_slot_usage(counts, n_tokens, out / SLOT_USAGE)
     save_corpus(corpus, out / CORPUS)
+    anchors = demo_anchors(model, tokenizer, corpus)
+    save_anchors(anchors, out / ANCHORS)
     report = {
         **metrics,
         "facts": len(corpus.facts),

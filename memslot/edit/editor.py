@@ -45,6 +45,9 @@ class EditConfig:
     # without them is retried with them. 0 turns the filter off.
     shared_ratio: float = 4.0
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
+    # Lead below which a known fact (an anchor) is rehearsed, and that rehearsal restores.
+    # Small: an anchor only needs to keep its answer, not to pull the rows back.
+    anchor_margin: float = 0.5
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
 
     def validate(self) -> None:
@@ -107,12 +110,17 @@ class Editor:
         usage: torch.Tensor | None = None,
         config: EditConfig | None = None,
         usage_tokens: int | None = None,
+        anchors: list[tuple[str, str]] | None = None,
     ):
+        """``anchors``: (prompt, answer) pairs the model knows (``load_anchors``). An edit
+        rehearses those that read the rows it changes, so that unrelated knowledge keeps its
+        answers; unlike ``keep``, an anchor that the edit contradicts gives way."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EditConfig()
         self.config.validate()
         self.idf = None
+        self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
         # Per kept fact, the slots it reads at its target positions. Valid while the reads do
         # not depend on the value table, i.e. when the model has a single memory layer.
@@ -149,7 +157,10 @@ class Editor:
         prompts = {it.prompt for it in items}
         keep = [(p, t) for p, t in keep or [] if (p or "").strip() not in prompts]
         kept = self._fact_items(keep, what="kept fact") if keep else []
-        return self._edit(items, force, table, kept)
+        # an anchor that a new or an earlier edit re-taught is that edit's fact now
+        taught = prompts | {it.prompt for it in kept}
+        anchors = [it for it in self.anchors if it.prompt not in taught]
+        return self._edit(items, force, table, kept, anchors)
 
     def _fact_items(self, facts: list[tuple[str, str]], what: str = "fact") -> list[_Item]:
         items = []
@@ -279,12 +290,74 @@ class Editor:
             ranked = [r for r in ranked if float(self.usage[r.slot]) <= cfg.shared_ratio] or ranked
         return ranked[: item.row_budget]
 
-    def _optimise(self, table, slots, inputs, labels, mask, need, wide):
-        """Adam on the rows ``slots`` until every sequence leads by ``need`` (or the budget)."""
+    def _optimise_keeping(
+        self,
+        new: list[_Item],
+        readers: list[_Item],
+        known: list[_Item],
+        table: torch.Tensor,
+        slots: torch.Tensor,
+        wide: int | None,
+    ):
+        """Optimise the rows ``slots`` for the ``new`` facts while the ``readers`` (earlier
+        edits' facts that read those rows) keep their answers, and the ``known`` anchors that
+        read them too as far as they do not contradict the new facts.
+
+        The readers are optimised with the new facts from the start. Anchors are rehearsed
+        lazily: after each round every reader and anchor is checked in one forward pass, and
+        only those whose lead fell below ``keep_margin`` (``anchor_margin`` for anchors) join
+        the batch for another round; most anchors weigh the changed rows lightly and never need
+        a step. Returns (rows, steps, scores of new + readers under those rows)."""
+        cfg = self.config
+        others = readers + known
+        check_inputs, check_labels, check_mask = self._batch(new + others)
+        # Earlier edits' facts are rehearsed from the first step (training them together gives
+        # sturdier rows: better paraphrase answers than adding them lazily); anchors only
+        # when they fall.
+        active: list[int] = list(range(len(readers)))
+        rows, steps = table[slots], 0
+        for _ in range(4):
+            batch = new + [others[j] for j in active]
+            inputs, labels, mask = self._batch(batch)
+            need = torch.full((len(batch),), cfg.keep_margin, device=inputs.device)
+            need[: len(new)] = cfg.margin
+            for row, j in enumerate(active, start=len(new)):
+                if j >= len(readers):
+                    need[row] = cfg.anchor_margin
+            start = rows
+            rows, taken = self._optimise(table, slots, inputs, labels, mask, need, wide, start)
+            steps += taken
+            scores = self._check(table, slots, rows, check_inputs, check_labels, check_mask)
+            if not bool((scores[2][: len(new)] > 0).all()):
+                # An anchor the new facts contradict (another phrasing of the fact they
+                # change, say) gives way: drop the anchors, redo the round.
+                if not any(j >= len(readers) for j in active):
+                    break
+                active = [j for j in active if j < len(readers)]
+                rows = start
+                continue
+            lead = scores[2][len(new) :]
+            floor = [cfg.keep_margin] * len(readers) + [cfg.anchor_margin] * len(known)
+            falling = [j for j in range(len(others)) if j not in active and lead[j] < floor[j]]
+            if not falling:
+                break
+            active += falling
+        n = len(new) + len(readers)  # anchors are not part of the verdict
+        return rows, steps, tuple(x[:n] for x in scores)
+
+    def _check(self, table, slots, rows, inputs, labels, mask):
+        """Scores of the sequences with ``rows`` in place of the table's ``slots``."""
+        with torch.no_grad():
+            logits = self.model(inputs, values=table.index_put((slots,), rows)).logits
+        return self._scores(logits, labels, mask)
+
+    def _optimise(self, table, slots, inputs, labels, mask, need, wide, start=None):
+        """Adam on the rows ``slots`` (from ``start``, else their values in ``table``) until
+        every sequence leads by ``need`` (or the budget); a pull towards the table's values."""
         cfg = self.config
         model = self.model
         rows0 = table[slots].clone()
-        rows = rows0.clone().requires_grad_(True)
+        rows = (rows0 if start is None else start).detach().clone().requires_grad_(True)
         scale = self._table_scale(table)
         optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
         steps = 0
@@ -323,6 +396,7 @@ class Editor:
         force: bool,
         table: torch.Tensor | None,
         kept: list[_Item] | None = None,
+        anchors: list[_Item] | None = None,
     ) -> EditResult:
         started = time.perf_counter()
         cfg = self.config
@@ -366,7 +440,6 @@ class Editor:
         # Pick the rows to optimise: the top-ranked slots each fact reads at its targets. First
         # only slots few background tokens read; if that cannot teach the batch, once more with
         # the shared slots allowed (fewer facts keep their rows to themselves, but it learns).
-        sub = torch.tensor(todo, device=inputs.device)
         attempts = (False, True) if self._filters_shared() else (True,)
         steps, tried = 0, None
         for allow_shared in attempts:
@@ -379,21 +452,11 @@ class Editor:
             tried = chosen
             slots = torch.tensor(chosen, dtype=torch.long, device=table.device)
             readers = self._readers(kept, table, slots, wide) if kept else []
-            batch = [items[i] for i in todo] + readers
-            sub_inputs, sub_labels, sub_mask = (
-                self._batch(batch) if readers else (inputs[sub], labels[sub], mask[sub])
-            )
-            need = torch.full((len(batch),), cfg.margin, device=sub_inputs.device)
-            need[len(todo) :] = cfg.keep_margin  # rehearsed earlier facts
-            new_rows, taken = self._optimise(
-                table, slots, sub_inputs, sub_labels, sub_mask, need, wide
+            known = self._readers(anchors, table, slots, None) if anchors else []
+            new_rows, taken, (ce1, logp1, margin1) = self._optimise_keeping(
+                [items[i] for i in todo], readers, known, table, slots, wide
             )
             steps += taken
-            with torch.no_grad():
-                patched = table.index_put((slots,), new_rows)
-                ce1, logp1, margin1 = self._scores(
-                    model(sub_inputs, values=patched).logits, sub_labels, sub_mask
-                )
             if bool((margin1 > 0).all()):
                 break
         for i in todo:

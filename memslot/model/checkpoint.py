@@ -11,6 +11,7 @@ A model folder holds:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ WEIGHTS = "model.safetensors"
 VALUES = "values.safetensors"
 TOKENIZER = "tokenizer.json"
 SLOT_USAGE = "slot_usage.safetensors"
+ANCHORS = "anchors.json"  # optional: known facts that edits should not change
 
 
 class CheckpointError(FileNotFoundError):
@@ -84,3 +86,21 @@ def load_slot_usage(model_dir: str | Path) -> tuple[torch.Tensor, int]:
     """(counts (n_memory_layers, n_slots) int64, number of tokens counted)."""
     data = load_file(str(_require(Path(model_dir), SLOT_USAGE)))
     return data["counts"], int(data["tokens"][0])
+
+
+def save_anchors(pairs: list[tuple[str, str]], path: str | Path) -> None:
+    """Known (prompt, answer) pairs of the model: edits rehearse those that read the rows they
+    change, so that unrelated knowledge keeps its answers."""
+    Path(path).write_text(json.dumps({"anchors": [list(p) for p in pairs]}, indent=0))
+
+
+def load_anchors(model_dir: str | Path) -> list[tuple[str, str]]:
+    """The model folder's anchors, or [] for a folder without them."""
+    path = Path(model_dir) / ANCHORS
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        return [(str(p), str(a)) for p, a in data["anchors"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not an anchors file ({err}); rebuild the model") from err

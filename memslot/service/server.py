@@ -824,10 +824,11 @@ def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], ob
         return None
 
     def make_editor():
-        from memslot.model.checkpoint import load_slot_usage
+        from memslot.model.checkpoint import load_anchors, load_slot_usage
 
         counts, tokens = load_slot_usage(model_dir)
-        return Editor(engine.model, engine.tokenizer, counts, EditConfig(), usage_tokens=tokens)
+        anchors = load_anchors(model_dir)
+        return Editor(engine.model, engine.tokenizer, counts, EditConfig(), tokens, anchors=anchors)
 
     return make_editor
 
