@@ -52,9 +52,7 @@ class PatchedValues:
         at = torch.searchsorted(self.slots, slots).clamp_max(len(self.slots) - 1)
         hit = self.slots[at] == slots
         delta = self.rows.float() - self.table[self.slots].detach().float()
-        correction = kernels.embedding_bag(
-            delta, torch.where(hit, at, 0), weights * hit, False
-        )
+        correction = kernels.embedding_bag(delta, torch.where(hit, at, 0), weights * hit, False)
         return base + correction
 
 
