@@ -122,9 +122,10 @@ class Editor:
         self.idf = None
         self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
-        # Per kept fact, the slots it reads at its target positions. Valid while the reads do
-        # not depend on the value table, i.e. when the model has a single memory layer.
-        self._reads: dict[tuple[str, str], torch.Tensor] = {}
+        # Per kept fact or anchor and read width, the slots it reads at its target positions.
+        # Valid while the reads do not depend on the value table, i.e. when the model has a
+        # single memory layer.
+        self._reads: dict[tuple[str, str, int | None], torch.Tensor] = {}
         self._scale: tuple[tuple, float] | None = None  # (which table, its RMS)
         if usage is not None:
             mem = model.cfg.memory
@@ -238,9 +239,8 @@ class Editor:
         logp = logp * mask
         n = mask.sum(1).clamp_min(1)
         ce = -logp.sum(1) / n
-        target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        others = logits.scatter(-1, safe.unsqueeze(-1), float("-inf")).amax(-1)
-        margin = torch.where(mask, target_logit - others, torch.full_like(target_logit, math.inf))
+        margin = Editor._position_margins(logits, labels)
+        margin = torch.where(mask, margin, torch.full_like(margin, math.inf))
         return ce, logp.sum(1), margin.amin(1)
 
     @staticmethod
@@ -255,9 +255,12 @@ class Editor:
     def _readers(
         self, kept: list[_Item], table: torch.Tensor, slots: torch.Tensor, topk: int | None
     ) -> list[_Item]:
-        """The kept facts that read any of ``slots`` at a position predicting their target."""
+        """The kept facts that read any of ``slots`` at a position predicting their target,
+        reading ``topk`` slots per head (None: the model's own k)."""
         cacheable = len(self.model.cfg.memory.layers) == 1
-        missing = [it for it in kept if not cacheable or (it.prompt, it.target) not in self._reads]
+        missing = [
+            it for it in kept if not cacheable or (it.prompt, it.target, topk) not in self._reads
+        ]
         reads = {} if not cacheable else self._reads
         for start in range(0, len(missing), 256):
             batch = missing[start : start + 256]
@@ -266,10 +269,10 @@ class Editor:
                 lookups = self.model(inputs, values=table, memory_topk=topk).lookups
             for row, it in enumerate(batch):
                 read = torch.cat([lk.slots[row][mask[row]].flatten() for lk in lookups])
-                reads[(it.prompt, it.target)] = read.unique()
+                reads[(it.prompt, it.target, topk)] = read.unique()
         chosen = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
         chosen[slots] = True
-        return [it for it in kept if bool(chosen[reads[(it.prompt, it.target)]].any())]
+        return [it for it in kept if bool(chosen[reads[(it.prompt, it.target, topk)]].any())]
 
     def _filters_shared(self) -> bool:
         cfg = self.config
@@ -315,15 +318,14 @@ class Editor:
         # sturdier rows: better paraphrase answers than adding them lazily); anchors only
         # when they fall.
         active: list[int] = list(range(len(readers)))
+        floor = [cfg.keep_margin] * len(readers) + [cfg.anchor_margin] * len(known)
         rows, steps = table[slots], 0
         for _ in range(4):
             batch = new + [others[j] for j in active]
             inputs, labels, mask = self._batch(batch)
-            need = torch.full((len(batch),), cfg.keep_margin, device=inputs.device)
-            need[: len(new)] = cfg.margin
-            for row, j in enumerate(active, start=len(new)):
-                if j >= len(readers):
-                    need[row] = cfg.anchor_margin
+            need = torch.tensor(
+                [cfg.margin] * len(new) + [floor[j] for j in active], device=inputs.device
+            )
             start = rows
             rows, taken = self._optimise(table, slots, inputs, labels, mask, need, wide, start)
             steps += taken
@@ -337,7 +339,6 @@ class Editor:
                 rows = start
                 continue
             lead = scores[2][len(new) :]
-            floor = [cfg.keep_margin] * len(readers) + [cfg.anchor_margin] * len(known)
             falling = [j for j in range(len(others)) if j not in active and lead[j] < floor[j]]
             if not falling:
                 break

@@ -760,8 +760,7 @@ def taught_facts(store) -> list[tuple[str, str]]:
     the walk continues at t. New edits rehearse these facts where they read the rows being
     changed, so that an edit does not silently undo an earlier one.
     """
-    facts: list[tuple[str, str]] = []  # newest first
-    seen: set[str] = set()  # a later injection with the same prompt supersedes an earlier one
+    injections: list[list[dict]] = []  # newest first
     version = store.head
     while version > 0:
         record = store.show(version)
@@ -769,12 +768,9 @@ def taught_facts(store) -> list[tuple[str, str]]:
             version = int(record.meta["target"])
             continue
         if record.kind == "inject":
-            for fact in reversed(record.meta.get("facts", [])):
-                if fact["prompt"] not in seen:
-                    seen.add(fact["prompt"])
-                    facts.append((fact["prompt"], fact["target"]))
+            injections.append(record.meta.get("facts", []))
         version = record.parent if record.parent is not None else 0
-    return facts[::-1]
+    return _supersede([], [fact for facts in reversed(injections) for fact in facts])
 
 
 class TaughtFacts:
