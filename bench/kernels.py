@@ -188,6 +188,43 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
 
     row(f"  top-k forward+backward, {n_keys} sub-keys", bench_ms(fwd_bwd))
 
+    # the layer's call: whole queries (strided halves of a projection) with qk-norm inside
+    q = torch.randn(N, H * 2 * half, device=dev, generator=g).to(dt).view(N, H, 2 * half)
+    norm_w = (torch.rand(2, half, device=dev, generator=g) + 0.5).to(dt)
+    s_fused, sl_fused = triton_topk.query_topk(q, k1, k2, K, norm_w)
+    s_ref, sl_ref = reference.query_topk(*(t.float() for t in (q, k1, k2)), K, norm_w.float())
+    same = (sl_fused.sort(-1).values == sl_ref.sort(-1).values).float().mean().item()
+    print(
+        f"  query top-k with qk-norm: score rel err {rel_err(s_fused, s_ref):.2e}, slots {same:.4f}"
+    )
+    check(rel_err(s_fused, s_ref) < 1e-2, f"query top-k with qk-norm vs fp32 reference, {n_keys}")
+    leaves = [t.clone().requires_grad_() for t in (q, k1, k2, norm_w)]
+
+    def unfused(q, k1, k2, w):  # what the layer ran before: PyTorch qk-norm, then the kernel
+        q1, q2 = q.chunk(2, dim=-1)
+        q1 = reference.rms_normalise(q1) * w[0]
+        q2 = reference.rms_normalise(q2) * w[1]
+        return triton_topk.product_key_topk(q1, q2, k1, k2, K)
+
+    for label, fn in (
+        ("qk-norm fused", lambda q, k1, k2, w: triton_topk.query_topk(q, k1, k2, K, w)),
+        ("qk-norm in PyTorch", unfused),
+    ):
+        with torch.no_grad():
+            fwd_ms = bench_ms(lambda fn=fn: fn(q, k1, k2, norm_w))
+
+        def step(fn=fn):
+            for t in leaves:
+                t.grad = None
+            fn(*leaves)[0].backward(grad)
+
+        row(
+            f"  query top-k, {label}, {n_keys} sub-keys",
+            fwd_ms,
+            "",
+            f"forward+backward {bench_ms(step):.3f} ms",
+        )
+
 
 def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
     from memslot.kernels import triton_bag
@@ -325,6 +362,9 @@ def gpu_bench(args) -> None:
     if args.no_layer:
         return
 
+    def loss(y):  # the same loss after the FFN and the layer
+        return y.float().square().sum()
+
     ffn = SwiGLU(D).to(dev, dt)
     x = torch.randn(1, N, D, device=dev, dtype=dt)
     with torch.no_grad():
@@ -335,7 +375,7 @@ def gpu_bench(args) -> None:
         xg.grad = None
         for p in ffn.parameters():
             p.grad = None
-        ffn(xg).sum().backward()
+        loss(ffn(xg)).backward()
 
     ffn_fb = bench_ms(ffn_step)
     row(f"dense SwiGLU FFN forward, d {D}, hidden {4 * D}", ffn_fwd)
@@ -357,7 +397,7 @@ def gpu_bench(args) -> None:
             table.grad = None
             for p in layer.parameters():
                 p.grad = None
-            layer(xg, table, sparse_grad=True)[0].float().square().sum().backward()
+            loss(layer(xg, table, sparse_grad=True)[0]).backward()
 
         times, outputs = {}, {}
         for path in ("triton", "reference"):

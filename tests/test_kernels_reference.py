@@ -42,6 +42,23 @@ def test_product_key_scores_are_the_sum_of_half_scores():
                 assert torch.allclose(scores[n, h, j], s, atol=1e-5)
 
 
+def test_query_topk_ranks_the_normalised_halves_of_the_query():
+    # qk-norm on the query side: each half over its rms, times its row of the norm weight
+    q1, q2, k1, k2 = random_keys(12, 3, 10, 6, 4)
+    weight = torch.rand(2, 6) + 0.5
+    q1, q2 = q1 * 3.0, q2 * 0.1
+    scores, slots = reference.query_topk(torch.cat([q1, q2], -1), k1, k2, 4, weight)
+    rms1, rms2 = ((q.pow(2).mean(-1, keepdim=True) + reference.RMS_EPS).sqrt() for q in (q1, q2))
+    want_scores, want_slots = reference.brute_force_topk(
+        q1 / rms1 * weight[0], q2 / rms2 * weight[1], k1, k2, 4
+    )
+    torch.testing.assert_close(scores, want_scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
+    # without a weight, the halves are ranked as they come
+    plain = reference.query_topk(torch.cat([q1, q2], -1), k1, k2, 4)
+    assert torch.equal(plain[1], reference.product_key_topk(q1, q2, k1, k2, 4)[1])
+
+
 def naive_bag(values, indices, weights):
     return (values[indices].float() * weights.float().unsqueeze(-1)).sum(1)
 

@@ -138,10 +138,71 @@ def test_fused_topk_gradients_match_the_reference():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def query_topk_inputs(n, heads, n_keys, half, seed, dtype=torch.float32):
+    """A whole query (n, heads, 2 * half) with halves of different scales, sub-keys and a norm
+    weight."""
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed, dtype)
+    q = torch.cat([q1 * 4.0, q2 * 0.25], -1)
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(2, half, generator=g) + 0.5).to(DEVICE, dtype)
+    return q, k1, k2, weight
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("n,heads,n_keys,half,topk", [(20 * BIG, 2, 40, 8, 5), (6, 1, 5, 3, 1)])
+def test_query_topk_matches_the_reference_with_and_without_qk_norm(
+    n, heads, n_keys, half, topk, norm
+):
+    q, k1, k2, weight = query_topk_inputs(n, heads, n_keys, half, seed=n + half)
+    weight = weight if norm else None
+    grad = torch.randn(n, heads, topk, device=DEVICE)
+    results = []
+    for fn in (reference.query_topk, triton_topk.query_topk):
+        leaves = [t.clone().requires_grad_() for t in (q, k1, k2)]
+        w = weight.clone().requires_grad_() if norm else None
+        scores, slots = fn(*leaves, topk, w)
+        scores.backward(grad)
+        results.append((scores, slots, [t.grad for t in leaves] + ([w.grad] if norm else [])))
+    (want_s, want_slots, want_grads), (got_s, got_slots, got_grads) = results
+    torch.testing.assert_close(got_s, want_s, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_slots.sort(-1).values, want_slots.sort(-1).values)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_query_topk_with_qk_norm_in_bf16_is_as_close_to_fp32_as_the_reference_in_bf16():
+    # near-ties pick different slots in bf16 and fp32 (and so different gradients): the kernel's
+    # bf16 scores and gradients must be no further from the fp32 reference than the reference's
+    q, k1, k2, weight = query_topk_inputs(30 * BIG, 2, 64, 16, seed=8, dtype=torch.bfloat16)
+    grad = torch.randn(30 * BIG, 2, 8, device=DEVICE)
+    results = {}
+    for name, fn, inputs in (
+        ("kernel", triton_topk.query_topk, [q, k1, k2, weight]),
+        ("reference bf16", reference.query_topk, [q, k1, k2, weight]),
+        ("reference fp32", reference.query_topk, [t.float() for t in (q, k1, k2, weight)]),
+    ):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        scores, _ = fn(*leaves[:3], 8, leaves[3])
+        scores.backward(grad)
+        results[name] = [scores.detach()] + [t.grad for t in leaves]
+    exact = results["reference fp32"]
+    assert all(t.dtype == torch.bfloat16 for t in results["kernel"][1:])
+    assert rel_err(results["kernel"][0], exact[0]) < 1e-2
+    for got, ref16, want in zip(results["kernel"], results["reference bf16"], exact, strict=True):
+        assert rel_err(got, want) <= max(rel_err(ref16, want), 1e-2)
+
+
 def test_fused_topk_on_an_empty_batch():
     q1, q2, k1, k2 = random_keys(0, 2, 16, 4, seed=0)
     scores, slots = triton_topk.product_key_topk(q1, q2, k1, k2, 3)
     assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
+    q = torch.cat([q1, q2], -1).requires_grad_()
+    weight = torch.ones(2, 4, device=DEVICE, requires_grad=True)
+    scores, slots = triton_topk.query_topk(q, k1, k2, 3, weight)
+    assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
+    scores.sum().backward()
+    assert q.grad.shape == (0, 2, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 def bag_inputs(n, bag, n_slots, dim, dtype, seed):
@@ -253,6 +314,7 @@ def triton_backend_on_this_device():
     saved = dict(kernels._BACKENDS.get(DEVICE, {}))
     kernels.register_backend(
         DEVICE,
+        query_topk=triton_topk.query_topk,
         product_key_topk=triton_topk.product_key_topk,
         embedding_bag=triton_bag.embedding_bag,
     )
@@ -305,6 +367,7 @@ def test_cuda_tensors_are_routed_to_the_triton_kernels():
     probe = torch.zeros(1, device="cuda")
     assert kernels._pick("embedding_bag", probe) is triton_bag.embedding_bag
     assert kernels._pick("product_key_topk", probe) is triton_topk.product_key_topk
+    assert kernels._pick("query_topk", probe) is triton_topk.query_topk
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The one dispatch point for memory-layer kernels.
 
-The model calls ``product_key_topk`` and ``embedding_bag`` from here. Tensors on CUDA go to the
-Triton kernels when a backend has been registered for them; everything else runs the
-pure-PyTorch reference in ``reference.py``, which is also the oracle the fast kernels are tested
-against.
+The model calls ``query_topk`` (``product_key_topk`` of a query's two halves, qk-norm included)
+and ``embedding_bag`` from here. Tensors on CUDA go to the Triton kernels when a backend has
+been registered for them; everything else runs the pure-PyTorch reference in ``reference.py``,
+which is also the oracle the fast kernels are tested against.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 
 from memslot.kernels import reference
 
-# device type -> {"product_key_topk": fn, "embedding_bag": fn}; filled by optional backends.
+# device type -> {"query_topk": fn, "product_key_topk": fn, "embedding_bag": fn}; filled by
+# optional backends.
 _BACKENDS: dict[str, dict[str, Callable]] = {}
 
 
@@ -36,6 +37,18 @@ def product_key_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, slots), each (N, H, topk); see ``reference.product_key_topk``."""
     return _pick("product_key_topk", q1)(q1, q2, keys1, keys2, topk)
+
+
+def query_topk(
+    q: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    topk: int,
+    norm_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, slots), each (N, H, topk), of whole queries q (N, H, k_dim), their halves
+    rms-normalised by ``norm_weight`` (2, k_dim/2) when given; see ``reference.query_topk``."""
+    return _pick("query_topk", q)(q, keys1, keys2, topk, norm_weight)
 
 
 def embedding_bag(

@@ -39,6 +39,33 @@ def product_key_topk(
     return scores, slots
 
 
+RMS_EPS = 1e-6  # the epsilon of qk-norm, here and in the fused kernel
+
+
+def rms_normalise(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """x / rms(x) over the last dim."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def query_topk(
+    q: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    topk: int,
+    norm_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k slots of whole queries: ``product_key_topk`` of the two halves of q.
+
+    q: (N, H, k_dim); keys1, keys2: (H, n_keys, k_dim/2). With ``norm_weight`` (2, k_dim/2), each
+    half is rms-normalised and scaled by its row of it first (the query side of qk-norm).
+    """
+    q1, q2 = q.chunk(2, dim=-1)  # (N, H, k_dim/2) each
+    if norm_weight is not None:
+        q1 = rms_normalise(q1) * norm_weight[0]
+        q2 = rms_normalise(q2) * norm_weight[1]
+    return product_key_topk(q1, q2, keys1, keys2, topk)
+
+
 def brute_force_topk(
     q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memslot.kernels.reference import RMS_EPS
+
 _NEG_INF = tl.constexpr(float("-inf"))
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits: upcast there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -140,6 +142,8 @@ def _half_topk_kernel(
     q2_ptr,
     k1_ptr,
     k2_ptr,
+    norm_w_ptr,
+    qn_ptr,
     scratch_ptr,
     count_ptr,
     half_s_ptr,
@@ -148,6 +152,7 @@ def _half_topk_kernel(
     H,
     n_keys,
     half,
+    eps,
     stride_q1n,
     stride_q1h,
     stride_q2n,
@@ -168,6 +173,8 @@ def _half_topk_kernel(
     EVEN: tl.constexpr,
     IEEE: tl.constexpr,
     STOP: tl.constexpr,
+    NORM: tl.constexpr = False,
+    SAVE_Q: tl.constexpr = False,
     SCAN: tl.constexpr = 0,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
@@ -184,6 +191,9 @@ def _half_topk_kernel(
     A block where some row has more than CAP candidates ranks its rows SUB at a time from the
     WIDE places; past WIDE (or with fewer than K) it ranks every chunk with the top-k network
     (exact either way, only slower).
+    With NORM, each query row is rms-normalised and scaled by its half's row of norm_w first
+    (in fp32, rounded once to the query dtype); with SAVE_Q the query rows the scores use are
+    written to qn (2, H, N, half) for the backward.
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
     """
     h = tl.program_id(1)
@@ -206,6 +216,15 @@ def _half_topk_kernel(
         mask=row_mask[:, None] & (d < half)[None, :],
         other=0.0,
     )
+    if NORM:  # qk-norm of the query half, in registers
+        qf = q.to(tl.float32)
+        rms = tl.rsqrt(tl.sum(qf * qf, axis=1) / half + eps)  # (BLOCK_N,)
+        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
+        q = (qf * rms[:, None] * w[None, :]).to(q_ptr.dtype.element_ty)
+    if SAVE_Q:
+        qn_rows = ((which * H + h) * N + rows).to(tl.int64) * half
+        tl.store(qn_ptr + qn_rows[:, None] + d[None, :], q,
+                 mask=row_mask[:, None] & (d < half)[None, :])  # fmt: skip
     if IEEE:
         q = q.to(tl.float32)
     ccol = tl.arange(0, BLOCK_C)
@@ -453,8 +472,14 @@ def product_key_topk_forward(
     combine_rows: int = 32,
     combine_warps: int = 4,
     wide: int | None = None,
+    norm_weight: torch.Tensor | None = None,
+    normed_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
+
+    With ``norm_weight`` (2, half), each query half is rms-normalised and scaled by its row
+    first, as in ``reference.query_topk``; ``normed_out`` (2, H, N, half), when given, receives
+    the query halves the scores were computed from.
 
     scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
     rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots
@@ -491,8 +516,12 @@ def product_key_topk_forward(
     sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
     scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
     counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
+    if norm_weight is not None:
+        norm_weight = norm_weight.contiguous()
     _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
-        q1, q2, keys1, keys2, scratch, counts, half_s, half_idx, N, H, n_keys, half,
+        q1, q2, keys1, keys2, q1 if norm_weight is None else norm_weight,
+        q1 if normed_out is None else normed_out, scratch, counts, half_s, half_idx, N, H,
+        n_keys, half, RMS_EPS,
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
         # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
@@ -502,6 +531,7 @@ def product_key_topk_forward(
         EVEN=n_keys % block_c == 0 and half == half_p2,
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
         SCAN=tiles["scan"] if scan is None else scan,
+        NORM=norm_weight is not None, SAVE_Q=normed_out is not None,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
     )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
@@ -536,35 +566,166 @@ def half_score_grads(
     return dense
 
 
+def _score_grads(
+    dense: torch.Tensor,
+    normed: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    need_q: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the half-scores' inputs from the dense half-score gradient (2, H, N, n_keys):
+    (query halves (2, H, N, half), sub-keys (2, H, n_keys, half)), each None when not needed;
+    ``normed`` (2, H, N, half) holds the query halves the scores were computed from."""
+    dq = torch.matmul(dense, torch.stack((keys1, keys2)).to(dense.dtype)) if need_q else None
+    dk = torch.matmul(dense.transpose(-1, -2), normed) if need_k else None
+    return dq, dk
+
+
+def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, norm_weight=None):
+    """The fused forward; saves what ``_backward_of_scores`` needs when a gradient is needed."""
+    needs_grad = any(ctx.needs_input_grad)
+    N, H, half = q1.shape
+    normed = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device) if needs_grad else None
+    scores, slots, half_idx, pair_rank = product_key_topk_forward(
+        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, norm_weight=norm_weight,
+        normed_out=normed,
+    )  # fmt: skip
+    ctx.mark_non_differentiable(slots)
+    ctx.n_keys = keys1.shape[1]
+    ctx.key_dtypes = (keys1.dtype, keys2.dtype)
+    return scores, slots, (keys1, keys2, half_idx, pair_rank, normed)
+
+
+def _backward_of_scores(ctx, grad_scores, keys1, keys2, half_idx, pair_rank, normed, need_q,
+                        need_k):  # fmt: skip
+    """(dq (2, H, N, half) or None, dk1, dk2): gradients through the half-scores."""
+    dense = half_score_grads(grad_scores, half_idx, pair_rank, ctx.n_keys, normed.dtype)
+    dq, dk = _score_grads(dense, normed, keys1, keys2, need_q, need_k)
+    if dk is None:
+        return dq, None, None
+    return dq, dk[0].to(ctx.key_dtypes[0]), dk[1].to(ctx.key_dtypes[1])
+
+
 class ProductKeyTopK(torch.autograd.Function):
-    """Fused top-k; scores are differentiable in the query halves and the sub-keys."""
+    """Fused top-k of given query halves; scores are differentiable in the halves and sub-keys."""
 
     @staticmethod
     def forward(ctx, q1, q2, keys1, keys2, topk: int):  # noqa: D102
-        needs_grad = any(ctx.needs_input_grad[:4])
-        scores, slots, half_idx, pair_rank = product_key_topk_forward(
-            q1, q2, keys1, keys2, topk, save_for_backward=needs_grad
-        )
-        ctx.mark_non_differentiable(slots)
-        if needs_grad:
-            ctx.save_for_backward(q1, q2, keys1, keys2, half_idx, pair_rank)
+        scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk)
+        if saved[-1] is not None:
+            ctx.save_for_backward(*saved)
         return scores, slots
 
     @staticmethod
     def backward(ctx, grad_scores, _grad_slots):  # noqa: D102
-        q1, q2, keys1, keys2, half_idx, pair_rank = ctx.saved_tensors
-        dense = half_score_grads(grad_scores, half_idx, pair_rank, keys1.shape[1], q1.dtype)
         need = ctx.needs_input_grad
-        grads = []
-        for i, (g, q, k) in enumerate(((dense[0], q1, keys1), (dense[1], q2, keys2))):
-            # g (H, N, n_keys); q (N, H, half); k (H, n_keys, half)
-            dq = torch.bmm(g, k.to(q.dtype)).transpose(0, 1) if need[i] else None
-            dk = (
-                torch.bmm(g.transpose(1, 2), q.transpose(0, 1)).to(k.dtype) if need[2 + i] else None
-            )
-            grads.append((dq, dk))
-        (dq1, dk1), (dq2, dk2) = grads
+        dq, dk1, dk2 = _backward_of_scores(
+            ctx, grad_scores, *ctx.saved_tensors, need[0] or need[1], need[2] or need[3]
+        )
+        dq1, dq2 = (None, None) if dq is None else (dq[0].transpose(0, 1), dq[1].transpose(0, 1))
         return dq1, dq2, dk1, dk2, None
+
+
+class QueryTopK(torch.autograd.Function):
+    """Fused top-k of whole queries (N, H, k_dim), qk-norm of the halves included;
+    differentiable in the query, the sub-keys and the norm weight."""
+
+    @staticmethod
+    def forward(ctx, q, keys1, keys2, norm_weight, topk: int):  # noqa: D102
+        q1, q2 = q.chunk(2, dim=-1)  # strided views: the kernel reads them in place
+        scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, norm_weight)
+        if saved[-1] is not None:
+            ctx.save_for_backward(q, norm_weight, *saved)
+        return scores, slots
+
+    @staticmethod
+    def backward(ctx, grad_scores, _grad_slots):  # noqa: D102
+        q, norm_weight, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_q = need[0] or need[3]
+        dq_normed, dk1, dk2 = _backward_of_scores(
+            ctx, grad_scores, *saved, need_q, need[1] or need[2]
+        )
+        dq = dw = None
+        if need_q:
+            dq, dw = query_grads(dq_normed, q, norm_weight)
+        return dq, dk1, dk2, dw, None
+
+
+@triton.jit
+def _query_grad_kernel(
+    dqn_ptr,
+    q_ptr,
+    norm_w_ptr,
+    dq_ptr,
+    dw_ptr,
+    R,
+    H,
+    N,
+    half,
+    eps,
+    stride_qn,
+    stride_qh,
+    HALF_P2: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """For BLOCK_R rows r = n * H + h of one half: the query gradient dq (N, H, 2 * half) from
+    the gradient dqn (2, H, N, half) of the normalised half (through the qk-norm when NORM),
+    and this block's part of the norm weight's gradient, dw (blocks, 2, half) in fp32.
+
+        y = x * rms * w, rms = (mean(x**2) + eps)**-1/2:
+        dx = rms * (g * w) - x * rms**3 * mean(g * w * x);  dw = sum_rows g * x * rms
+    """
+    which = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    n = (rows // H).to(tl.int64)
+    h = rows % H
+    d = tl.arange(0, HALF_P2)
+    mask = row_mask[:, None] & (d < half)[None, :]
+    src = ((which * H + h) * N + n) * half
+    g = tl.load(dqn_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x = tl.load(
+            q_ptr + (n * stride_qn + h * stride_qh + which * half)[:, None] + d[None, :],
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
+        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
+        dw = tl.sum(g * x * rms[:, None], axis=0)  # (HALF_P2,)
+        tl.store(dw_ptr + (tl.program_id(0) * 2 + which) * half + d, dw, mask=d < half)
+        gw = g * w[None, :]
+        scale = rms * rms * rms * tl.sum(gw * x, axis=1) / half
+        g = rms[:, None] * gw - x * scale[:, None]
+    dst = rows.to(tl.int64) * 2 * half + which * half
+    tl.store(dq_ptr + dst[:, None] + d[None, :], g.to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+def query_grads(
+    dq_normed: torch.Tensor, q: torch.Tensor, norm_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dq (N, H, k_dim) in q's dtype, d norm_weight (2, k_dim/2) or None) from the gradient
+    (2, H, N, k_dim/2) of the query halves the scores used: one pass through the qk-norm's
+    backward, written in the query's own layout."""
+    N, H, k_dim = q.shape
+    half = k_dim // 2
+    dq = torch.empty(N, H, k_dim, dtype=q.dtype, device=q.device)
+    R = N * H
+    block_r = 32
+    blocks = triton.cdiv(R, block_r)
+    dw = torch.zeros(blocks, 2, half, dtype=torch.float32, device=q.device)
+    if R:
+        _query_grad_kernel[(blocks, 2)](
+            dq_normed, q, q if norm_weight is None else norm_weight.contiguous(), dq, dw, R, H, N,
+            half, RMS_EPS, q.stride(0), q.stride(1), HALF_P2=_next_pow2(half, 16),
+            BLOCK_R=block_r, NORM=norm_weight is not None,
+        )  # fmt: skip
+    if norm_weight is None:
+        return dq, None
+    return dq, dw.sum(0).to(norm_weight.dtype)
 
 
 def product_key_topk(
@@ -572,3 +733,14 @@ def product_key_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, slots), each (N, H, topk); the Triton version of ``reference.product_key_topk``."""
     return ProductKeyTopK.apply(q1, q2, keys1, keys2, topk)
+
+
+def query_topk(
+    q: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    topk: int,
+    norm_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, slots), each (N, H, topk); the Triton version of ``reference.query_topk``."""
+    return QueryTopK.apply(q, keys1, keys2, norm_weight, topk)

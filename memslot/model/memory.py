@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memslot import kernels
+from memslot.kernels.reference import rms_normalise
 from memslot.model.config import MemoryConfig
 
 
@@ -56,10 +57,6 @@ class PatchedValues:
         return base + correction
 
 
-def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_model: int, value_dim: int, cfg: MemoryConfig, layer_index: int):
         super().__init__()
@@ -81,13 +78,13 @@ class ProductKeyMemory(nn.Module):
         cfg = self.cfg
         topk = topk or cfg.topk
         q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
-        q1, q2 = q.chunk(2, dim=-1)  # (N, H, k_dim/2) each
         keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
         if cfg.qk_norm:
-            q1 = rms_normalise(q1) * self.query_norm_weight[0]
-            q2 = rms_normalise(q2) * self.query_norm_weight[1]
             keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
-        scores, slots = kernels.product_key_topk(q1, q2, keys1, keys2, topk)  # (N, H, k)
+        # scores, slots (N, H, k) of q's halves, each rms-normalised by query_norm_weight first
+        # (on CUDA inside the top-k kernel, which reads the strided halves in place)
+        norm_weight = self.query_norm_weight
+        scores, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight)
         weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
         return slots, weights
 
