@@ -128,6 +128,14 @@ def copy_rate(device) -> tuple[float, float]:
     return 2 * src.numel() * 2 / ms / 1e9, ms  # bytes read + written, TB/s
 
 
+def registers() -> str:
+    """Registers per thread and spills of the last half top-k kernel launched."""
+    from memslot.kernels import triton_topk
+
+    kernel = triton_topk.LAUNCHED.get("half")
+    return f"{getattr(kernel, 'n_regs', '?')} registers, {getattr(kernel, 'n_spills', '?')} spills"
+
+
 def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
     from memslot.kernels import triton_topk
 
@@ -188,9 +196,12 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
 
     row(f"  top-k forward+backward, {n_keys} sub-keys", bench_ms(fwd_bwd))
 
-    # the layer's call: whole queries (strided halves of a projection) with qk-norm inside
+    # the layer's call: whole queries (strided halves of a projection), qk-norm of the halves
     q = torch.randn(N, H * 2 * half, device=dev, generator=g).to(dt).view(N, H, 2 * half)
     norm_w = (torch.rand(2, half, device=dev, generator=g) + 0.5).to(dt)
+    print(f"    half kernel without qk-norm: {registers()}")
+    triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, stop=2)
+    print(f"    half kernel through pass two only: {registers()}")
     s_fused, sl_fused = triton_topk.query_topk(q, k1, k2, K, norm_w)
     s_ref, sl_ref = reference.query_topk(*(t.float() for t in (q, k1, k2)), K, norm_w.float())
     same = (sl_fused.sort(-1).values == sl_ref.sort(-1).values).float().mean().item()
@@ -206,8 +217,11 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
         q2 = reference.rms_normalise(q2) * w[1]
         return triton_topk.product_key_topk(q1, q2, k1, k2, K)
 
+    s_unf, sl_unf = unfused(q, k1, k2, norm_w)
+    same_unf = (sl_unf.sort(-1).values == sl_ref.sort(-1).values).float().mean().item()
+    print(f"    qk-norm in PyTorch (bf16) then the kernel: slots {same_unf:.4f}")
     for label, fn in (
-        ("qk-norm fused", lambda q, k1, k2, w: triton_topk.query_topk(q, k1, k2, K, w)),
+        ("qk-norm pass, then top-k", lambda q, k1, k2, w: triton_topk.query_topk(q, k1, k2, K, w)),
         ("qk-norm in PyTorch", unfused),
     ):
         with torch.no_grad():

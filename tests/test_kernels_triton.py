@@ -171,6 +171,25 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_query_norm_pass_writes_the_normalised_halves_heads_first():
+    n, heads, half = 24 * BIG, 3, 16
+    q, _, _, weight = query_topk_inputs(n, heads, 8, half, seed=1)
+    q1, q2 = q.chunk(2, dim=-1)
+    want = torch.stack(
+        [reference.rms_normalise(q1) * weight[0], reference.rms_normalise(q2) * weight[1]]
+    )
+    torch.testing.assert_close(triton_topk.normalise_query(q, weight), want.transpose(1, 2))
+    plain = triton_topk.normalise_query(q, None)  # no weight: the halves as they are
+    assert torch.equal(plain, torch.stack([q1, q2]).transpose(1, 2))
+
+
+def test_fused_topk_writes_the_query_halves_the_scores_use():
+    q1, q2, k1, k2 = random_keys(20 * BIG, 2, 40, 8, seed=6)
+    normed = torch.full((2, 2, 20 * BIG, 8), float("nan"), device=DEVICE)
+    triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, normed_out=normed)
+    assert torch.equal(normed, torch.stack([q1, q2]).transpose(1, 2))
+
+
 def test_query_topk_with_qk_norm_in_bf16_is_as_close_to_fp32_as_the_reference_in_bf16():
     # near-ties pick different slots in bf16 and fp32 (and so different gradients): the kernel's
     # bf16 scores and gradients must be no further from the fp32 reference than the reference's

@@ -20,6 +20,12 @@ order, the pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), s
 with (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those
 candidates are gathered from registers and ranked by one more top-k network.
 
+``query_topk`` takes whole queries (N, H, k_dim), the strided output of the layer's
+projection: one pass writes both halves heads-first (2, H, N, k_dim/2), rms-normalised by the
+norm weight when there is one (the query side of qk-norm), for the half kernel to read and the
+backward to reuse; its backward is one pass through the norm's derivative into the query's own
+layout.
+
 The backward is deterministic: the gradient of each kept half-score is a sum over the final
 picks that used it, formed in a fixed order per row and scattered (unique indices, no atomics)
 into a dense (H, N, n_keys) matrix per half, written whole by the same kernel, that two batched
@@ -38,6 +44,8 @@ import triton.language as tl
 from memslot.kernels.reference import RMS_EPS
 
 _NEG_INF = tl.constexpr(float("-inf"))
+# the last launch of each kernel (its registers and spills, for the benchmark's report)
+LAUNCHED: dict[str, object] = {}
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits: upcast there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -142,7 +150,6 @@ def _half_topk_kernel(
     q2_ptr,
     k1_ptr,
     k2_ptr,
-    norm_w_ptr,
     qn_ptr,
     scratch_ptr,
     count_ptr,
@@ -152,7 +159,6 @@ def _half_topk_kernel(
     H,
     n_keys,
     half,
-    eps,
     stride_q1n,
     stride_q1h,
     stride_q2n,
@@ -173,7 +179,6 @@ def _half_topk_kernel(
     EVEN: tl.constexpr,
     IEEE: tl.constexpr,
     STOP: tl.constexpr,
-    NORM: tl.constexpr = False,
     SAVE_Q: tl.constexpr = False,
     SCAN: tl.constexpr = 0,
 ):
@@ -191,9 +196,7 @@ def _half_topk_kernel(
     A block where some row has more than CAP candidates ranks its rows SUB at a time from the
     WIDE places; past WIDE (or with fewer than K) it ranks every chunk with the top-k network
     (exact either way, only slower).
-    With NORM, each query row is rms-normalised and scaled by its half's row of norm_w first
-    (in fp32, rounded once to the query dtype); with SAVE_Q the query rows the scores use are
-    written to qn (2, H, N, half) for the backward.
+    With SAVE_Q the query rows are written to qn (2, H, N, half) for the backward.
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
     """
     h = tl.program_id(1)
@@ -216,11 +219,6 @@ def _half_topk_kernel(
         mask=row_mask[:, None] & (d < half)[None, :],
         other=0.0,
     )
-    if NORM:  # qk-norm of the query half, in registers
-        qf = q.to(tl.float32)
-        rms = tl.rsqrt(tl.sum(qf * qf, axis=1) / half + eps)  # (BLOCK_N,)
-        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-        q = (qf * rms[:, None] * w[None, :]).to(q_ptr.dtype.element_ty)
     if SAVE_Q:
         qn_rows = ((which * H + h) * N + rows).to(tl.int64) * half
         tl.store(qn_ptr + qn_rows[:, None] + d[None, :], q,
@@ -472,14 +470,12 @@ def product_key_topk_forward(
     combine_rows: int = 32,
     combine_warps: int = 4,
     wide: int | None = None,
-    norm_weight: torch.Tensor | None = None,
     normed_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
-    With ``norm_weight`` (2, half), each query half is rms-normalised and scaled by its row
-    first, as in ``reference.query_topk``; ``normed_out`` (2, H, N, half), when given, receives
-    the query halves the scores were computed from.
+    ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
+    key gradient is a product with).
 
     scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
     rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots
@@ -516,12 +512,9 @@ def product_key_topk_forward(
     sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
     scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
     counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
-    if norm_weight is not None:
-        norm_weight = norm_weight.contiguous()
-    _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
-        q1, q2, keys1, keys2, q1 if norm_weight is None else norm_weight,
-        q1 if normed_out is None else normed_out, scratch, counts, half_s, half_idx, N, H,
-        n_keys, half, RMS_EPS,
+    LAUNCHED["half"] = _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
+        q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
+        half_idx, N, H, n_keys, half,
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
         keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
         # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
@@ -531,13 +524,13 @@ def product_key_topk_forward(
         EVEN=n_keys % block_c == 0 and half == half_p2,
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
         SCAN=tiles["scan"] if scan is None else scan,
-        NORM=norm_weight is not None, SAVE_Q=normed_out is not None,
+        SAVE_Q=normed_out is not None,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
     )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
     pair_a, pair_b = _candidate_pairs(topk, device)
-    _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
+    LAUNCHED["combine"] = _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
         half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
         pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
         SAVE_FOR_BACKWARD=save_for_backward, num_warps=combine_warps,
@@ -582,19 +575,22 @@ def _score_grads(
     return dq, dk
 
 
-def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, norm_weight=None):
-    """The fused forward; saves what ``_backward_of_scores`` needs when a gradient is needed."""
+def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None):
+    """The fused forward; returns what ``_backward_of_scores`` needs when a gradient is needed
+    (else None). ``normed`` (2, H, N, half): the query halves heads-first, of which q1 and q2
+    are views; otherwise the kernel writes them there."""
     needs_grad = any(ctx.needs_input_grad)
     N, H, half = q1.shape
-    normed = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device) if needs_grad else None
+    out = None
+    if needs_grad and normed is None:
+        normed = out = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device)
     scores, slots, half_idx, pair_rank = product_key_topk_forward(
-        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, norm_weight=norm_weight,
-        normed_out=normed,
-    )  # fmt: skip
+        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out
+    )
     ctx.mark_non_differentiable(slots)
     ctx.n_keys = keys1.shape[1]
     ctx.key_dtypes = (keys1.dtype, keys2.dtype)
-    return scores, slots, (keys1, keys2, half_idx, pair_rank, normed)
+    return scores, slots, (keys1, keys2, half_idx, pair_rank, normed) if needs_grad else None
 
 
 def _backward_of_scores(ctx, grad_scores, keys1, keys2, half_idx, pair_rank, normed, need_q,
@@ -613,7 +609,7 @@ class ProductKeyTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1, q2, keys1, keys2, topk: int):  # noqa: D102
         scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk)
-        if saved[-1] is not None:
+        if saved is not None:
             ctx.save_for_backward(*saved)
         return scores, slots
 
@@ -628,14 +624,17 @@ class ProductKeyTopK(torch.autograd.Function):
 
 
 class QueryTopK(torch.autograd.Function):
-    """Fused top-k of whole queries (N, H, k_dim), qk-norm of the halves included;
-    differentiable in the query, the sub-keys and the norm weight."""
+    """Top-k of whole queries (N, H, k_dim), qk-norm of the halves included; differentiable in
+    the query, the sub-keys and the norm weight."""
 
     @staticmethod
     def forward(ctx, q, keys1, keys2, norm_weight, topk: int):  # noqa: D102
-        q1, q2 = q.chunk(2, dim=-1)  # strided views: the kernel reads them in place
-        scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, norm_weight)
-        if saved[-1] is not None:
+        # one pass writes the normalised halves heads-first: the top-k kernel reads each head's
+        # rows contiguously and the key gradient is a plain batched product with them
+        normed = normalise_query(q, norm_weight)  # (2, H, N, half)
+        q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)  # (N, H, half) views
+        scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed)
+        if saved is not None:
             ctx.save_for_backward(q, norm_weight, *saved)
         return scores, slots
 
@@ -651,6 +650,68 @@ class QueryTopK(torch.autograd.Function):
         if need_q:
             dq, dw = query_grads(dq_normed, q, norm_weight)
         return dq, dk1, dk2, dw, None
+
+
+@triton.jit
+def _query_rows(which, R, H, N, half, stride_qn, stride_qh, HALF_P2: tl.constexpr,
+                BLOCK_R: tl.constexpr):  # fmt: skip
+    """Rows r = n * H + h of the program's block: (offsets of half ``which`` of each row in the
+    query (N, H, 2 * half), in the heads-first halves (2, H, N, half), in a contiguous query;
+    the columns; the tile's mask)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = (rows // H).to(tl.int64)
+    h = rows % H
+    d = tl.arange(0, HALF_P2)
+    mask = (rows < R)[:, None] & (d < half)[None, :]
+    in_q = n * stride_qn + h * stride_qh + which * half
+    heads_first = ((which * H + h) * N + n) * half
+    contiguous = rows.to(tl.int64) * 2 * half + which * half
+    return in_q, heads_first, contiguous, d, mask
+
+
+@triton.jit
+def _query_norm_kernel(
+    q_ptr,
+    norm_w_ptr,
+    out_ptr,
+    R,
+    H,
+    N,
+    half,
+    eps,
+    stride_qn,
+    stride_qh,
+    HALF_P2: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """out (2, H, N, half) = each half of the query (N, H, 2 * half), rms-normalised and
+    scaled by its row of norm_w (when NORM; in fp32, rounded once), BLOCK_R rows of one half."""
+    which = tl.program_id(1)
+    in_q, heads_first, _, d, mask = _query_rows(which, R, H, N, half, stride_qn, stride_qh,
+                                                HALF_P2, BLOCK_R)  # fmt: skip
+    x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
+        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
+        x = x * rms[:, None] * w[None, :]
+    tl.store(out_ptr + heads_first[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask)
+
+
+def normalise_query(q: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """The two halves of q (N, H, k_dim), rms-normalised and scaled by norm_weight (2, k_dim/2)
+    when given, heads-first: (2, H, N, k_dim/2) in q's dtype."""
+    N, H, k_dim = q.shape
+    half = k_dim // 2
+    out = torch.empty(2, H, N, half, dtype=q.dtype, device=q.device)
+    if N * H:
+        block_r = 32
+        _query_norm_kernel[(triton.cdiv(N * H, block_r), 2)](
+            q, q if norm_weight is None else norm_weight.contiguous(), out, N * H, H, N, half,
+            RMS_EPS, q.stride(0), q.stride(1), HALF_P2=_next_pow2(half, 16), BLOCK_R=block_r,
+            NORM=norm_weight is not None,
+        )  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -679,20 +740,12 @@ def _query_grad_kernel(
         dx = rms * (g * w) - x * rms**3 * mean(g * w * x);  dw = sum_rows g * x * rms
     """
     which = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    n = (rows // H).to(tl.int64)
-    h = rows % H
-    d = tl.arange(0, HALF_P2)
-    mask = row_mask[:, None] & (d < half)[None, :]
-    src = ((which * H + h) * N + n) * half
-    g = tl.load(dqn_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    in_q, heads_first, contiguous, d, mask = _query_rows(which, R, H, N, half, stride_qn,
+                                                         stride_qh, HALF_P2, BLOCK_R)  # fmt: skip
+    g = tl.load(dqn_ptr + heads_first[:, None] + d[None, :], mask=mask, other=0.0)
+    g = g.to(tl.float32)
     if NORM:
-        x = tl.load(
-            q_ptr + (n * stride_qn + h * stride_qh + which * half)[:, None] + d[None, :],
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
+        x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
         rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
         dw = tl.sum(g * x * rms[:, None], axis=0)  # (HALF_P2,)
@@ -700,8 +753,7 @@ def _query_grad_kernel(
         gw = g * w[None, :]
         scale = rms * rms * rms * tl.sum(gw * x, axis=1) / half
         g = rms[:, None] * gw - x * scale[:, None]
-    dst = rows.to(tl.int64) * 2 * half + which * half
-    tl.store(dq_ptr + dst[:, None] + d[None, :], g.to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dq_ptr + contiguous[:, None] + d[None, :], g.to(dq_ptr.dtype.element_ty), mask=mask)
 
 
 def query_grads(
