@@ -40,6 +40,7 @@ from machine import cpu_model
 from memslot.demo.corpus import PERSON_RELATIONS, Fact, prompts_for
 from memslot.demo.recipe import load_corpus
 from memslot.edit import EditConfig, Editor
+from memslot.edit.phrasings import load_phrasings
 from memslot.model.checkpoint import load_anchors, load_model, load_slot_usage
 from memslot.model.train import encode_examples, exact_match
 
@@ -104,7 +105,15 @@ class Memslot(Method):
         usage, tokens = load_slot_usage(model_dir)
         cfg = EditConfig(ranking=self.ranking, **overrides)
         anchors = load_anchors(model_dir) if self.rehearse else None
-        self.editor = Editor(self.model, self.tok, usage, cfg, usage_tokens=tokens, anchors=anchors)
+        self.editor = Editor(
+            self.model,
+            self.tok,
+            usage,
+            cfg,
+            usage_tokens=tokens,
+            anchors=anchors,
+            phrasings=load_phrasings(model_dir),
+        )
         self.taught: list[tuple[str, str]] = []
 
     def edit(self, prompt: str, target: str) -> None:

@@ -6,6 +6,7 @@ import torch
 from memslot.demo.corpus import Fact, prompts_for
 from memslot.demo.recipe import load_corpus
 from memslot.edit import EditConfig, EditError, Editor, WriteMode, rank_slots, write_rows
+from memslot.edit.phrasings import PHRASINGS, Phrasings, load_phrasings
 from memslot.model.checkpoint import (
     ANCHORS,
     CheckpointError,
@@ -199,6 +200,96 @@ def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(ti
         done.append(fact)
     assert all(exact_match(model, tok, taught))
     assert all(exact_match(model, tok, anchors[1:]))  # every other known fact still answers
+
+
+def test_phrasings_expand_a_prompt_into_its_relation_s_other_templates():
+    phrasings = Phrasings(
+        [["{s} was born in", "Where was {s} born?"], ["{s} was born in the year", "When was {s} born?"]]
+    )
+    assert phrasings.expand(" Ada Vance was born in ") == [
+        "Ada Vance was born in",
+        "Where was Ada Vance born?",
+    ]
+    # "{s} was born in" would not match the whole prompt; the year group does
+    assert phrasings.expand("Ada Vance was born in the year")[1] == "When was Ada Vance born?"
+    assert phrasings.expand("Ada Vance works for") == ["Ada Vance works for"]  # no template
+    assert phrasings.expand(" was born in") == ["was born in"]  # no subject
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        ([["{s} works for"]], "at least two templates"),
+        ([["{s} works for", "Who employs them?"]], "exactly once"),
+        ([["{s} and {s}", "{s} works for"]], "exactly once"),
+        (["{s} works for"], "at least two templates"),
+    ],
+)
+def test_bad_phrasings_are_rejected(groups, match):
+    with pytest.raises(EditError, match=match):
+        Phrasings(groups)
+
+
+def test_the_demo_build_writes_its_training_phrasings_only(tiny_model_dir, tmp_path):
+    phrasings = load_phrasings(tiny_model_dir)
+    fact = load_corpus(tiny_model_dir).facts[0]
+    assert phrasings.expand(prompts_for(fact)[2]) == [prompts_for(fact)[2]] + [
+        p for i, p in enumerate(prompts_for(fact)) if i != 2
+    ]
+    for held_out in prompts_for(fact, held_out=True):  # what benchmarks ask stays unseen
+        assert phrasings.expand(held_out) == [held_out]
+    assert load_phrasings(tmp_path) is None  # a model folder without phrasings has none
+    (tmp_path / PHRASINGS).write_text('{"groups": [["no subject", "{s} x"]]}')
+    with pytest.raises(EditError, match="not a phrasings file"):
+        load_phrasings(tmp_path)
+
+
+def _phrasing_editor(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    phrasings = load_phrasings(tiny_model_dir)
+    return model, tok, Editor(model, tok, usage, usage_tokens=tokens, phrasings=phrasings)
+
+
+def test_a_fact_is_taught_through_every_phrasing_of_its_prompt(tiny_model_dir):
+    model, tok, editor = _phrasing_editor(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    fact = Fact(corpus.reserved_names[5], "birth_city", corpus.answers_for("birth_city")[1])
+    prompts = prompts_for(fact)
+    before = model.memory_values.detach().clone()
+    result = editor.edit_facts([(prompts[0], fact.answer)])
+    assert result.success and len(result.reports) == 1, result.reports  # one fact, one report
+    reported = {s.slot for s in result.reports[0].slots_written}
+    assert set(result.slots.tolist()) == reported  # the phrasings' rows are the fact's
+    for other in prompts[1:]:  # each phrasing's own rows are among them
+        assert reported & _reads(model, tok, other, fact.answer)
+    apply(model, result)
+    changed = (model.memory_values != before).any(1).nonzero().flatten().tolist()
+    assert set(changed) <= reported
+    assert all(exact_match(model, tok, [(p, fact.answer) for p in prompts]))
+
+
+def test_an_earlier_fact_asked_in_other_words_is_corrected_not_rehearsed(tiny_model_dir):
+    model, tok, editor = _phrasing_editor(tiny_model_dir)
+    corpus = load_corpus(tiny_model_dir)
+    person, cities = corpus.reserved_names[6], corpus.answers_for("birth_city")
+    prompts = prompts_for(Fact(person, "birth_city", cities[0]))
+    first = (prompts[0], cities[0])
+    result = editor.edit_facts([first])
+    assert result.success
+    apply(model, result)
+    # the same question in other words, with a new answer: a correction of the first fact
+    result = editor.edit_facts([(prompts[1], cities[2])], keep=[first])
+    assert result.success and result.rehearsed == 0, result.reports
+    apply(model, result)
+    assert all(exact_match(model, tok, [(p, cities[2]) for p in prompts]))
+    # another fact about the person keeps every phrasing of the corrected one answering
+    employer = corpus.answers_for("employer")[0]
+    job = prompts_for(Fact(person, "employer", employer))[0]
+    result = editor.edit_facts([(job, employer)], keep=[first, (prompts[1], cities[2])])
+    assert result.success, result.reports
+    apply(model, result)
+    assert all(exact_match(model, tok, [(p, cities[2]) for p in prompts] + [(job, employer)]))
 
 
 def test_the_editor_does_not_touch_the_live_table_and_only_reported_slots_change(tiny):

@@ -2,6 +2,8 @@
 
 ``train_demo`` writes a complete model folder (see ``memslot.model.checkpoint``) plus:
     corpus.json   the facts and the seed, so that benchmarks and tests can ask about them
+    anchors.json  one phrasing of each fact the model answers: known facts edits protect
+    phrasings.json  the training templates of each relation: edits teach a fact through all
     report.json   exact-match accuracy on training facts, held-out phrasings and a zeroed table
 """
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from memslot.demo.corpus import DemoCorpus, Fact, build_corpus, prompts_for
+from memslot.demo.corpus import TEMPLATES, DemoCorpus, Fact, build_corpus, prompts_for
+from memslot.edit.phrasings import PHRASINGS, Phrasings
 from memslot.model.checkpoint import ANCHORS, SLOT_USAGE, save_anchors, save_model, save_slot_usage
 from memslot.model.config import MemoryConfig, ModelConfig
 from memslot.model.tokenizer import Tokenizer
@@ -107,6 +110,12 @@ def demo_anchors(model, tokenizer, corpus: DemoCorpus) -> list[tuple[str, str]]:
     return [pair for pair, ok in zip(pairs, known, strict=True) if ok]
 
 
+def demo_phrasings() -> Phrasings:
+    """The corpus's training templates, one group per relation. The held-out templates stay
+    out: they are how benchmarks ask whether an edit generalises."""
+    return Phrasings([train for train, _ in TEMPLATES.values()])
+
+
 def save_corpus(corpus: DemoCorpus, path: Path) -> None:
     data = {
         "seed": corpus.seed,
@@ -159,6 +168,7 @@ def train_demo(
     save_corpus(corpus, out / CORPUS)
     anchors = demo_anchors(model, tokenizer, corpus)
     save_anchors(anchors, out / ANCHORS)
+    demo_phrasings().save(out / PHRASINGS)
     report = {
         **metrics,
         "facts": len(corpus.facts),

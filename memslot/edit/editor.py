@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from memslot.edit.phrasings import Phrasings
 from memslot.edit.ranking import RankedSlot, idf_weights, rank_slots
 from memslot.edit.write import EditError
 from memslot.model.memory import PatchedValues
@@ -32,10 +33,16 @@ from memslot.model.transformer import MemoryTransformer
 class EditConfig:
     rows_per_fact: int = 48  # rows optimised per fact (per passage token for passages)
     ranking: str = "tfidf"  # "tfidf" (sparse memory fine-tuning) or "all": every slot read
-    steps: int = 60  # optimisation budget per edit
-    lr: float = 0.1  # Adam step, relative to the table's RMS value
-    margin: float = 4.0  # required logit lead of each target token over the runner-up
-    locality_weight: float = 1.0  # pull of edited rows towards their old values (mean square)
+    steps: int = 30  # optimisation budget per round (a round that keeps others may follow)
+    lr: float = 0.2  # Adam step, relative to the table's RMS value
+    # Logit lead over the runner-up that each target token is taught towards. Well above what
+    # greedy decoding needs: a fact taught with a wide lead still answers when asked in other
+    # words, where the mix of slots read differs.
+    margin: float = 8.0
+    # Pull of the edited rows towards their old values (mean square). Off by default: with
+    # Adam it holds back the rows a fact reads weakly, the ones other phrasings lean on, and
+    # the rehearsal of anchors and earlier edits protects other answers better.
+    locality_weight: float = 0.0
     # Slots each memory head reads while editing; more than the model's top-k also trains the
     # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
     read_topk: int = 12
@@ -49,6 +56,9 @@ class EditConfig:
     # Small: an anchor only needs to keep its answer, not to pull the rows back.
     anchor_margin: float = 0.5
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
+    # Teach each fact through the other phrasings of its prompt too, where the editor has the
+    # model's phrasings (``memslot.edit.phrasings``).
+    paraphrase: bool = True
 
     def validate(self) -> None:
         if self.rows_per_fact < 1:
@@ -100,6 +110,10 @@ class _Item:
     ids: list[int]
     positions: list[int]  # position p predicts ids[p + 1]
     row_budget: int  # how many ranked slots to optimise for this sequence
+    # False for another phrasing of a fact (``Phrasings``): taught and rehearsed with it, but
+    # the fact's verdict is its own prompt's
+    verdict: bool = True
+    owner: int = -1  # for another phrasing, the index of its fact
 
 
 class Editor:
@@ -111,14 +125,20 @@ class Editor:
         config: EditConfig | None = None,
         usage_tokens: int | None = None,
         anchors: list[tuple[str, str]] | None = None,
+        phrasings: Phrasings | None = None,
     ):
         """``anchors``: (prompt, answer) pairs the model knows (``load_anchors``). An edit
         rehearses those that read the rows it changes, so that unrelated knowledge keeps its
-        answers; unlike ``keep``, an anchor that the edit contradicts gives way."""
+        answers; unlike ``keep``, an anchor that the edit contradicts gives way.
+
+        ``phrasings``: the templates the model was taught to ask each relation with
+        (``load_phrasings``); a fact is taught, and an earlier one rehearsed, through all of
+        its prompt's phrasings (``EditConfig.paraphrase``)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EditConfig()
         self.config.validate()
+        self.phrasings = phrasings if self.config.paraphrase else None
         self.idf = None
         self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
@@ -153,15 +173,42 @@ class Editor:
         if not facts:
             raise EditError("no facts given: pass at least one (prompt, target) pair")
         items = self._fact_items(facts)
-        # A new fact supersedes a kept one with the same prompt (a correction), so that one is
-        # not rehearsed.
+        items += self._other_phrasings(items)
         prompts = {it.prompt for it in items}
-        keep = [(p, t) for p, t in keep or [] if (p or "").strip() not in prompts]
-        kept = self._fact_items(keep, what="kept fact") if keep else []
+        kept = self._superseded(self._fact_items(keep, what="kept fact") if keep else [], prompts)
         # an anchor that a new or an earlier edit re-taught is that edit's fact now
         taught = prompts | {it.prompt for it in kept}
         anchors = [it for it in self.anchors if it.prompt not in taught]
         return self._edit(items, force, table, kept, anchors)
+
+    def _superseded(self, kept: list[_Item], claimed: set[str]) -> list[_Item]:
+        """The kept facts (oldest first) with their other phrasings, less those a newer fact
+        asks the same way: a new fact, or a later kept one, supersedes them (a correction)."""
+        out: list[_Item] = []
+        claimed = set(claimed)
+        for it in reversed(kept):
+            if it.prompt in claimed:
+                continue
+            group = [it] + self._other_phrasings([it])
+            out += [g for g in group if g.prompt not in claimed]
+            claimed |= {g.prompt for g in group}
+        return out[::-1]
+
+    def _other_phrasings(self, items: list[_Item]) -> list[_Item]:
+        """For each fact, its prompt's other phrasings with the same target (none without
+        phrasings), as sequences outside the verdict; one the text limits refuse is skipped."""
+        if self.phrasings is None:
+            return []
+        out = []
+        for i, it in enumerate(items):
+            for prompt in self.phrasings.expand(it.prompt)[1:]:
+                try:
+                    (extra,) = self._fact_items([(prompt, it.target)])
+                except EditError:
+                    continue
+                extra.verdict, extra.owner = False, i
+                out.append(extra)
+        return out
 
     def _fact_items(self, facts: list[tuple[str, str]], what: str = "fact") -> list[_Item]:
         items = []
@@ -314,23 +361,30 @@ class Editor:
         cfg = self.config
         others = readers + known
         check_inputs, check_labels, check_mask = self._batch(new + others)
+        verdict = torch.tensor([it.verdict for it in new], dtype=torch.bool)
         # Earlier edits' facts are rehearsed from the first step (training them together gives
         # sturdier rows: better paraphrase answers than adding them lazily); anchors only
         # when they fall.
         active: list[int] = list(range(len(readers)))
         floor = [cfg.keep_margin] * len(readers) + [cfg.anchor_margin] * len(known)
         rows, steps = table[slots], 0
+        # The first round teaches the new facts up to ``margin``. The later ones repair: they
+        # stop once the anchors that fell are back and every fact leads by ``keep_margin``, as
+        # an earlier edit's fact must (the loss still pushes the new facts up meanwhile).
+        target = cfg.margin
         for _ in range(4):
             batch = new + [others[j] for j in active]
             inputs, labels, mask = self._batch(batch)
             need = torch.tensor(
-                [cfg.margin] * len(new) + [floor[j] for j in active], device=inputs.device
+                [target] * len(new) + [floor[j] for j in active], device=inputs.device
             )
             start = rows
-            rows, taken = self._optimise(table, slots, inputs, labels, mask, need, wide, start)
+            rows, taken = self._optimise(
+                table, slots, inputs, labels, mask, need, wide, start, n_wide=len(new)
+            )
             steps += taken
             scores = self._check(table, slots, rows, check_inputs, check_labels, check_mask)
-            if not bool((scores[2][: len(new)] > 0).all()):
+            if not bool((scores[2][: len(new)].cpu() > 0)[verdict].all()):
                 # An anchor the new facts contradict (another phrasing of the fact they
                 # change, say) gives way: drop the anchors, redo the round.
                 if not any(j >= len(readers) for j in active):
@@ -343,6 +397,7 @@ class Editor:
             if not falling:
                 break
             active += falling
+            target = min(cfg.margin, cfg.keep_margin)
         n = len(new) + len(readers)  # anchors are not part of the verdict
         return rows, steps, tuple(x[:n] for x in scores)
 
@@ -352,9 +407,13 @@ class Editor:
             logits = self.model(inputs, values=table.index_put((slots,), rows)).logits
         return self._scores(logits, labels, mask)
 
-    def _optimise(self, table, slots, inputs, labels, mask, need, wide, start=None):
+    def _optimise(self, table, slots, inputs, labels, mask, need, wide, start=None, n_wide=None):
         """Adam on the rows ``slots`` (from ``start``, else their values in ``table``) until
-        every sequence leads by ``need`` (or the budget); a pull towards the table's values."""
+        every sequence leads by ``need`` (or the budget); a pull towards the table's values.
+
+        The first ``n_wide`` sequences (all by default: the facts being taught) also learn
+        through the ``wide`` read; the rest (facts rehearsed) are held at the model's own k,
+        which is how they are asked."""
         cfg = self.config
         model = self.model
         rows0 = table[slots].clone()
@@ -368,10 +427,11 @@ class Editor:
                 logits = model(inputs, values=patched).logits
                 ce, _, margin = self._scores(logits, labels, mask)
                 loss = ce.sum()
-                if wide:
-                    wide_logits = model(inputs, values=patched, memory_topk=wide).logits
-                    wide_ce, _, wide_margin = self._scores(wide_logits, labels, mask)
-                    margin = torch.minimum(margin, wide_margin)
+                if wide and n_wide != 0:
+                    w = slice(0, len(inputs) if n_wide is None else n_wide)
+                    wide_logits = model(inputs[w], values=patched, memory_topk=wide).logits
+                    wide_ce, _, wide_margin = self._scores(wide_logits, labels[w], mask[w])
+                    margin = torch.cat([torch.minimum(margin[w], wide_margin), margin[w.stop :]])
                     loss = loss + wide_ce.sum()
                 if bool((margin >= need).all()):
                     steps -= 1
@@ -422,6 +482,7 @@ class Editor:
                 loss_before=float(ce0[i]),
             )
             for i, it in enumerate(items)
+            if it.verdict
         ]
         todo = []
         for i, report in enumerate(reports):
@@ -437,6 +498,8 @@ class Editor:
         if not todo:
             rows = table.new_zeros(0, table.shape[1])
             return EditResult(True, empty, rows, reports, 0, time.perf_counter() - started)
+        # the other phrasings of the facts being taught (after the facts in ``items``)
+        extras = [i for i, it in enumerate(items) if not it.verdict and it.owner in todo]
 
         # Pick the rows to optimise: the top-ranked slots each fact reads at its targets. First
         # only slots few background tokens read; if that cannot teach the batch, once more with
@@ -445,9 +508,10 @@ class Editor:
         steps, tried = 0, None
         for allow_shared in attempts:
             ranked = {
-                i: self._choose(out.lookups, items[i], i, settled, allow_shared) for i in todo
+                i: self._choose(out.lookups, items[i], i, settled, allow_shared)
+                for i in todo + extras
             }
-            chosen = sorted({r.slot for i in todo for r in ranked[i]})
+            chosen = sorted({r.slot for i in ranked for r in ranked[i]})
             if chosen == tried:
                 break  # no shared slot among them: a second attempt would repeat the first
             tried = chosen
@@ -455,13 +519,17 @@ class Editor:
             readers = self._readers(kept, table, slots, wide) if kept else []
             known = self._readers(anchors, table, slots, None) if anchors else []
             new_rows, taken, (ce1, logp1, margin1) = self._optimise_keeping(
-                [items[i] for i in todo], readers, known, table, slots, wide
+                [items[i] for i in todo + extras], readers, known, table, slots, wide
             )
             steps += taken
-            if bool((margin1 > 0).all()):
+            judged = [items[i].verdict for i in todo + extras] + [it.verdict for it in readers]
+            if bool((margin1.cpu() > 0)[torch.tensor(judged, dtype=torch.bool)].all()):
                 break
         for i in todo:
             reports[i].slots_written = ranked[i]
+        for i in extras:  # a phrasing's rows are its fact's
+            have = {r.slot for r in reports[items[i].owner].slots_written}
+            reports[items[i].owner].slots_written += [r for r in ranked[i] if r.slot not in have]
 
         for j, i in enumerate(todo):
             r = reports[i]
@@ -476,7 +544,8 @@ class Editor:
                 else f"not learned within {steps} steps while keeping {len(readers)} earlier "
                 "edit's fact(s) that read the same rows answering (a fact it contradicts?)"
             )
-        kept_ok = bool((margin1[len(todo) :] > 0).all()) if readers else True
+        verdict = torch.tensor([it.verdict for it in readers], dtype=torch.bool)
+        kept_ok = bool((margin1[len(todo) + len(extras) :].cpu() > 0)[verdict].all())
         if not kept_ok:
             for i in (i for i in todo if reports[i].success):
                 reports[i].success = False
@@ -492,5 +561,5 @@ class Editor:
             reports,
             steps,
             time.perf_counter() - started,
-            len(readers),
+            sum(it.verdict for it in readers),
         )

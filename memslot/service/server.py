@@ -820,11 +820,19 @@ def editor_factory_for(engine: Engine, model_dir: str | Path) -> Callable[[], ob
         return None
 
     def make_editor():
+        from memslot.edit.phrasings import load_phrasings
         from memslot.model.checkpoint import load_anchors, load_slot_usage
 
         counts, tokens = load_slot_usage(model_dir)
-        anchors = load_anchors(model_dir)
-        return Editor(engine.model, engine.tokenizer, counts, EditConfig(), tokens, anchors=anchors)
+        return Editor(
+            engine.model,
+            engine.tokenizer,
+            counts,
+            EditConfig(),
+            tokens,
+            anchors=load_anchors(model_dir),
+            phrasings=load_phrasings(model_dir),
+        )
 
     return make_editor
 
