@@ -5,9 +5,11 @@ For each fact (prompt -> target) the editor
      reads at the positions that predict the target tokens;
   2. ranks them by TF-IDF against the background slot usage (``ranking.py``) and keeps the top
      ``rows_per_fact``;
-  3. optimises only those rows (Adam, every other weight frozen) until greedy decoding produces
-     the target with a logit margin over the runner-up at every target token, or the step
-     budget runs out.
+  3. optimises only those rows (Adam, every other weight frozen) towards a wide logit lead of
+     the target over the runner-up at every target token, within a step budget; the fact is
+     learned when greedy decoding produces it.
+With the model's phrasings (``phrasings.py``) a fact is taught through every phrasing of its
+prompt at once, which is what makes it answer when asked in other words.
 The editor never modifies the live table: it returns (slots, rows) for the caller to commit as
 one version. A batch succeeds only if every fact in it does; otherwise nothing is to be written.
 """
