@@ -204,7 +204,10 @@ def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(ti
 
 def test_phrasings_expand_a_prompt_into_its_relation_s_other_templates():
     phrasings = Phrasings(
-        [["{s} was born in", "Where was {s} born?"], ["{s} was born in the year", "When was {s} born?"]]
+        [
+            ["{s} was born in", "Where was {s} born?"],
+            ["{s} was born in the year", "When was {s} born?"],
+        ]
     )
     assert phrasings.expand(" Ada Vance was born in ") == [
         "Ada Vance was born in",
