@@ -2,8 +2,8 @@
 
 Edits are generated deterministically from the demo corpus: counterfactual edits of facts the
 model knows (a new answer from the same relation's answer pool) and facts about people the model
-has never seen (the corpus's reserved names). Each method applies T edits one after another to
-the same starting model; after the sequence we measure
+has never seen (the corpus's reserved names). Each method applies the edits one after another
+to a fresh copy of the model, and after the first T of them (for each T asked) we measure
 
     reliability     the edit prompt gave the target right after its own edit
     retention       the edit prompt still gives the target after all T edits
@@ -194,8 +194,11 @@ METHODS = {
 
 
 def run(
-    method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pairs, overrides=None
-) -> dict:
+    method_cls, model_dir: str, corpus, cases: list[EditCase], locality_pairs, ts, overrides=None
+):
+    """Apply ``cases`` one after another; after the first T of them, for each T in ``ts``,
+    yield (T, the measures). One sequence serves every T: the edits of a run with fewer are
+    its first T, and measuring changes nothing."""
     method = method_cls(model_dir, **(overrides or {}))
     model, tok = method.model, method.tok
     before_local = exact_match(model, tok, locality_pairs)
@@ -206,13 +209,23 @@ def run(
         latencies.append(time.perf_counter() - started)
         reliable.append(exact_match(model, tok, [(case.prompt, case.fact.answer)])[0])
         done = len(latencies)
-        if done % 50 == 0 and done < len(cases):
+        if done in ts:
+            yield (
+                done,
+                measure(
+                    model, tok, cases[:done], reliable, latencies, locality_pairs, before_local
+                ),
+            )
+        elif done % 50 == 0 and done < len(cases):
             print(
                 f"  {method.name}: {done}/{len(cases)} edits, p50 so far "
                 f"{1000 * statistics.median(latencies):.0f} ms",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def measure(model, tok, cases, reliable, latencies, locality_pairs, before_local) -> dict:
     retained = exact_match(model, tok, [(c.prompt, c.fact.answer) for c in cases])
     para_pairs = [(p, c.fact.answer) for c in cases for p in c.paraphrases]
     general = exact_match(model, tok, para_pairs)
@@ -259,7 +272,13 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/demo")
-    parser.add_argument("--t", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument(
+        "--t",
+        type=int,
+        nargs="+",
+        default=[1, 10, 100, 1000],
+        help="numbers of sequential edits to measure after, all in one sequence per method",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--locality-facts", type=int, default=300)
     parser.add_argument(
@@ -301,10 +320,10 @@ def main() -> None:
     )
     print(header)
     print("|---|---|---|---|---|---|---|---|---|")
+    ts = sorted(set(args.t))
     for name in args.methods:
-        for t in args.t:
-            settings = overrides if issubclass(METHODS[name], Memslot) else None
-            r = run(METHODS[name], args.model, corpus, cases_all[:t], locality_pairs, settings)
+        settings = overrides if issubclass(METHODS[name], Memslot) else None
+        for t, r in run(METHODS[name], args.model, corpus, cases_all, locality_pairs, ts, settings):
             print(
                 f"| {name} | {t} | {r['reliability']:.2f} | {r['generalization']:.2f} | "
                 f"{r['gen_by_kind']} | "
