@@ -3,7 +3,7 @@
 ``train_demo`` writes a complete model folder (see ``memslot.model.checkpoint``) plus:
     corpus.json   the facts and the seed, so that benchmarks and tests can ask about them
     anchors.json  one phrasing of each fact the model answers: known facts edits protect
-    phrasings.json  the training templates of each relation: edits teach a fact through all
+    phrasings.json  each relation's training templates: edits teach a fact through them all
     report.json   exact-match accuracy on training facts, held-out phrasings and a zeroed table
 """
 

@@ -533,6 +533,7 @@ class Editor:
             have = {r.slot for r in reports[items[i].owner].slots_written}
             reports[items[i].owner].slots_written += [r for r in ranked[i] if r.slot not in have]
 
+        rehearsed = sum(it.verdict for it in readers)  # facts, not their phrasings
         for j, i in enumerate(todo):
             r = reports[i]
             r.steps = steps
@@ -543,7 +544,7 @@ class Editor:
                 if r.success
                 else f"not learned within {steps} steps (raise steps, lr or rows_per_fact)"
                 if not readers
-                else f"not learned within {steps} steps while keeping {len(readers)} earlier "
+                else f"not learned within {steps} steps while keeping {rehearsed} earlier "
                 "edit's fact(s) that read the same rows answering (a fact it contradicts?)"
             )
         verdict = torch.tensor([it.verdict for it in readers], dtype=torch.bool)
@@ -563,5 +564,5 @@ class Editor:
             reports,
             steps,
             time.perf_counter() - started,
-            sum(it.verdict for it in readers),
+            rehearsed,
         )
