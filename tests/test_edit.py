@@ -100,6 +100,13 @@ def test_a_new_target_for_a_kept_prompt_is_a_correction_not_a_contradiction(tiny
     assert generate(model, tok, kept[0]).text == cities[1]
 
 
+def _fresh_editor(tiny_model_dir, **options):
+    """A fresh copy of the tiny model and an editor over it with ``Editor`` ``options``."""
+    model, tok = load_model(tiny_model_dir)
+    usage, tokens = load_slot_usage(tiny_model_dir)
+    return model, tok, Editor(model, tok, usage, usage_tokens=tokens, **options)
+
+
 def _reads(model, tok, prompt: str, target: str, topk: int | None = None) -> set[int]:
     """The slots the model reads at the positions that predict the target's tokens."""
     head = [tok.bos_id] + tok.encode(prompt)
@@ -177,11 +184,9 @@ def test_the_demo_build_writes_anchors_its_model_answers(tiny_model_dir, tmp_pat
 
 
 def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(tiny_model_dir):
-    model, tok = load_model(tiny_model_dir)
-    usage, tokens = load_slot_usage(tiny_model_dir)
     corpus = load_corpus(tiny_model_dir)
     anchors = load_anchors(tiny_model_dir)
-    editor = Editor(model, tok, usage, usage_tokens=tokens, anchors=anchors)
+    model, tok, editor = _fresh_editor(tiny_model_dir, anchors=anchors)
     # a correction of an anchored fact: the anchor gives way to the new answer
     prompt, old = anchors[0]
     new = next(
@@ -248,10 +253,7 @@ def test_the_demo_build_writes_its_training_phrasings_only(tiny_model_dir, tmp_p
 
 
 def _phrasing_editor(tiny_model_dir):
-    model, tok = load_model(tiny_model_dir)
-    usage, tokens = load_slot_usage(tiny_model_dir)
-    phrasings = load_phrasings(tiny_model_dir)
-    return model, tok, Editor(model, tok, usage, usage_tokens=tokens, phrasings=phrasings)
+    return _fresh_editor(tiny_model_dir, phrasings=load_phrasings(tiny_model_dir))
 
 
 def test_a_fact_is_taught_through_every_phrasing_of_its_prompt(tiny_model_dir):

@@ -141,6 +141,7 @@ class Editor:
         self.config = config or EditConfig()
         self.config.validate()
         self.phrasings = phrasings if self.config.paraphrase else None
+        self._encoded: dict[tuple[str, str], tuple[list[int], int]] = {}  # see ``_encode``
         self.idf = None
         self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
@@ -223,13 +224,22 @@ class Editor:
                 raise EditError(f"{where} has an empty target: give the answer to teach")
             self._check_length(prompt, f"{where}'s prompt")
             self._check_length(target, f"{where}'s target")
-            head = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-            tail = self.tokenizer.encode(" " + target) + [self.tokenizer.eos_id]
-            ids = head + tail
+            ids, first = self._encode(prompt, target)
             self._check_tokens(ids, where)
-            positions = list(range(len(head) - 1, len(ids) - 1))
+            positions = list(range(first, len(ids) - 1))
             items.append(_Item(prompt, target, ids, positions, self.config.rows_per_fact))
         return items
+
+    def _encode(self, prompt: str, target: str) -> tuple[list[int], int]:
+        """(token ids of prompt + target + end, the position that predicts the target's first
+        token). Remembered: every edit passes the earlier edits' facts, in all phrasings."""
+        key = (prompt, target)
+        if key not in self._encoded:
+            head = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+            tail = self.tokenizer.encode(" " + target) + [self.tokenizer.eos_id]
+            self._encoded[key] = (head + tail, len(head) - 1)
+        ids, first = self._encoded[key]
+        return list(ids), first
 
     def edit_passages(self, passages: list[str], table: torch.Tensor | None = None) -> EditResult:
         """Teach free text: every token after the first is a target."""

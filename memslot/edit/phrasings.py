@@ -30,6 +30,7 @@ class Phrasings:
 
     def __init__(self, groups: list[list[str]]):
         self.groups: list[list[str]] = []
+        self._expanded: dict[str, list[str]] = {}  # prompt -> expand(prompt), remembered
         self._patterns: list[tuple[re.Pattern, int]] = []
         for g, group in enumerate(groups):
             if not isinstance(group, list) or len(group) < 2:
@@ -48,6 +49,11 @@ class Phrasings:
         subject; only ``prompt`` when it matches no template. Where several templates match,
         the one that leaves the shortest subject (the most specific) wins."""
         prompt = prompt.strip()
+        if prompt not in self._expanded:
+            self._expanded[prompt] = self._expand(prompt)
+        return list(self._expanded[prompt])
+
+    def _expand(self, prompt: str) -> list[str]:
         best: tuple[int, str] | None = None
         for pattern, g in self._patterns:
             match = pattern.fullmatch(prompt)
