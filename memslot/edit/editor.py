@@ -118,6 +118,42 @@ class _Item:
     owner: int = -1  # for another phrasing, the index of its fact
 
 
+@dataclass
+class _Pack:
+    """Sequences flattened to their target positions, N in all, ready to score.
+
+    When the model's memory layer is its last block (``MemoryTransformer.memory_is_last``) a
+    position's logits depend on the table only through that layer, so the pack holds each
+    position's ``memory_entry`` row and what it reads: an optimisation step then costs a bag
+    and the head for N positions instead of a forward pass over every token. Otherwise it
+    holds the whole sequences and runs them through the model."""
+
+    n: int  # sequences
+    ends: list[int]  # sequence i owns positions ends[i - 1]:ends[i]
+    labels: torch.Tensor  # (N,) the token each position should predict
+    owner: torch.Tensor  # (N,) the sequence each position belongs to
+    x: torch.Tensor | None = None  # (N, D) memory-entry rows
+    inputs: torch.Tensor | None = None  # (B, T) whole sequences, when there are no rows
+    mask: torch.Tensor | None = None  # (B, T) their target positions
+    reads: dict = field(default_factory=dict)  # read width -> (slots, weights), each (N, H, k)
+
+    def first(self, n: int) -> _Pack:
+        """The pack of the first ``n`` sequences."""
+        if n >= self.n:
+            return self
+        end = self.ends[n - 1] if n else 0
+        return _Pack(
+            n,
+            self.ends[:n],
+            self.labels[:end],
+            self.owner[:end],
+            x=None if self.x is None else self.x[:end],
+            inputs=None if self.inputs is None else self.inputs[:n],
+            mask=None if self.mask is None else self.mask[:n],
+            reads={k: (s[:end], w[:end]) for k, (s, w) in self.reads.items()},
+        )
+
+
 class Editor:
     def __init__(
         self,
@@ -142,6 +178,10 @@ class Editor:
         self.config.validate()
         self.phrasings = phrasings if self.config.paraphrase else None
         self._encoded: dict[tuple[str, str], tuple[list[int], int]] = {}  # see ``_encode``
+        # Score sequences from their target positions' memory-entry rows (``_Pack``), which
+        # are remembered per sequence: they do not depend on the table.
+        self._fast = model.memory_is_last
+        self._entries: dict[tuple[str, str, int], torch.Tensor] = {}
         self.idf = None
         self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
@@ -311,27 +351,92 @@ class Editor:
         others = logits.scatter(-1, safe, float("-inf")).amax(-1)
         return torch.where(labels != -100, target - others, torch.full_like(target, -math.inf))
 
+    def _pack(self, items: list[_Item]) -> _Pack:
+        device = self.model.memory_values.device
+        labels = [it.ids[p + 1] for it in items for p in it.positions]
+        sizes = [len(it.positions) for it in items]
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(sizes))
+        pack = _Pack(len(items), ends, torch.tensor(labels, device=device), owner.to(device))
+        if not self._fast:
+            pack.inputs, _, pack.mask = self._batch(items)
+            return pack
+        key = lambda it: (it.prompt, it.target, it.positions[0])  # noqa: E731
+        missing = list({key(it): it for it in items if key(it) not in self._entries}.values())
+        for start in range(0, len(missing), 256):
+            batch = missing[start : start + 256]
+            inputs, _, _ = self._batch(batch)
+            with torch.no_grad():
+                entry = self.model.memory_entry(inputs)
+            for row, it in enumerate(batch):
+                self._entries[key(it)] = entry[row, it.positions]
+        pack.x = torch.cat([self._entries[key(it)] for it in items])
+        return pack
+
+    def _pack_reads(self, pack: _Pack, topk: int | None):
+        """(slots, weights) the pack's positions read, ``topk`` per head; kept with the pack."""
+        if topk not in pack.reads:
+            with torch.no_grad():
+                pack.reads[topk] = self.model.memory_read(pack.x, topk)
+        return pack.reads[topk]
+
+    def _logits(self, pack: _Pack, values, topk: int | None = None) -> torch.Tensor:
+        """(N, vocab) logits at the pack's positions with the table ``values``."""
+        if pack.x is not None:
+            slots, weights = self._pack_reads(pack, topk)
+            return self.model.memory_exit(pack.x, values, slots, weights)
+        return self.model(pack.inputs, values=values, memory_topk=topk).logits[pack.mask]
+
+    @staticmethod
+    def _pack_scores(logits: torch.Tensor, pack: _Pack):
+        """Per sequence: mean CE over its targets, total log-prob, min margin (target logit -
+        best other logit)."""
+        logits = logits.float()
+        labels = pack.labels.unsqueeze(-1)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, labels).squeeze(-1)
+        with torch.no_grad():
+            others = logits.scatter(-1, labels, float("-inf")).amax(-1)
+            margins = logits.gather(-1, labels).squeeze(-1) - others
+            margin = torch.full((pack.n,), math.inf, device=logits.device)
+            margin = margin.scatter_reduce(0, pack.owner, margins, "amin")
+        total = logits.new_zeros(pack.n).index_add(0, pack.owner, logp)
+        count = torch.bincount(pack.owner, minlength=pack.n).clamp_min(1)
+        return -total / count, total, margin
+
     def _readers(
         self, kept: list[_Item], table: torch.Tensor, slots: torch.Tensor, topk: int | None
     ) -> list[_Item]:
         """The kept facts that read any of ``slots`` at a position predicting their target,
         reading ``topk`` slots per head (None: the model's own k)."""
+        if not kept:
+            return []
         cacheable = len(self.model.cfg.memory.layers) == 1
-        missing = [
-            it for it in kept if not cacheable or (it.prompt, it.target, topk) not in self._reads
-        ]
+        key = lambda it: (it.prompt, it.target, topk)  # noqa: E731
+        missing = list(
+            {key(it): it for it in kept if not cacheable or key(it) not in self._reads}.values()
+        )
         reads = {} if not cacheable else self._reads
         for start in range(0, len(missing), 256):
             batch = missing[start : start + 256]
-            inputs, _, mask = self._batch(batch)
-            with torch.no_grad():
-                lookups = self.model(inputs, values=table, memory_topk=topk).lookups
-            for row, it in enumerate(batch):
-                read = torch.cat([lk.slots[row][mask[row]].flatten() for lk in lookups])
-                reads[(it.prompt, it.target, topk)] = read.unique()
+            pack = self._pack(batch)
+            if pack.x is not None:
+                read = self._pack_reads(pack, topk)[0].flatten(1)  # (N, H * k)
+            else:
+                with torch.no_grad():
+                    lookups = self.model(pack.inputs, values=table, memory_topk=topk).lookups
+                read = torch.cat([lk.slots[pack.mask].flatten(1) for lk in lookups], 1)
+            for i, it in enumerate(batch):
+                reads[key(it)] = read[(pack.ends[i - 1] if i else 0) : pack.ends[i]].unique()
         chosen = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
         chosen[slots] = True
-        return [it for it in kept if bool(chosen[reads[(it.prompt, it.target, topk)]].any())]
+        flat = [reads[key(it)] for it in kept]
+        owner = torch.repeat_interleave(
+            torch.arange(len(kept), device=table.device),
+            torch.tensor([len(f) for f in flat], device=table.device),
+        )
+        hits = torch.zeros(len(kept), device=table.device)
+        hits = hits.index_add(0, owner, chosen[torch.cat(flat)].float())
+        return [it for it, hit in zip(kept, (hits > 0).tolist(), strict=True) if hit]
 
     def _filters_shared(self) -> bool:
         cfg = self.config
@@ -372,7 +477,7 @@ class Editor:
         a step. Returns (rows, steps, scores of new + readers under those rows)."""
         cfg = self.config
         others = readers + known
-        check_inputs, check_labels, check_mask = self._batch(new + others)
+        check = self._pack(new + others)
         verdict = torch.tensor([it.verdict for it in new], dtype=torch.bool)
         # Earlier edits' facts are rehearsed from the first step (training them together gives
         # sturdier rows: better paraphrase answers than adding them lazily); anchors only
@@ -385,17 +490,14 @@ class Editor:
         # an earlier edit's fact must (the loss still pushes the new facts up meanwhile).
         target = cfg.margin
         for _ in range(4):
-            batch = new + [others[j] for j in active]
-            inputs, labels, mask = self._batch(batch)
+            pack = self._pack(new + [others[j] for j in active])
             need = torch.tensor(
-                [target] * len(new) + [floor[j] for j in active], device=inputs.device
+                [target] * len(new) + [floor[j] for j in active], device=table.device
             )
             start = rows
-            rows, taken = self._optimise(
-                table, slots, inputs, labels, mask, need, wide, start, n_wide=len(new)
-            )
+            rows, taken = self._optimise(table, slots, pack, need, wide, start, n_wide=len(new))
             steps += taken
-            scores = self._check(table, slots, rows, check_inputs, check_labels, check_mask)
+            scores = self._check(table, slots, rows, check)
             if not bool((scores[2][: len(new)].cpu() > 0)[verdict].all()):
                 # An anchor the new facts contradict (another phrasing of the fact they
                 # change, say) gives way: drop the anchors, redo the round.
@@ -413,13 +515,12 @@ class Editor:
         n = len(new) + len(readers)  # anchors are not part of the verdict
         return rows, steps, tuple(x[:n] for x in scores)
 
-    def _check(self, table, slots, rows, inputs, labels, mask):
-        """Scores of the sequences with ``rows`` in place of the table's ``slots``."""
+    def _check(self, table, slots, rows, pack: _Pack):
+        """Scores of the pack's sequences with ``rows`` in place of the table's ``slots``."""
         with torch.no_grad():
-            logits = self.model(inputs, values=table.index_put((slots,), rows)).logits
-        return self._scores(logits, labels, mask)
+            return self._pack_scores(self._logits(pack, PatchedValues(table, slots, rows)), pack)
 
-    def _optimise(self, table, slots, inputs, labels, mask, need, wide, start=None, n_wide=None):
+    def _optimise(self, table, slots, pack: _Pack, need, wide, start=None, n_wide=None):
         """Adam on the rows ``slots`` (from ``start``, else their values in ``table``) until
         every sequence leads by ``need`` (or the budget); a pull towards the table's values.
 
@@ -427,23 +528,23 @@ class Editor:
         through the ``wide`` read; the rest (facts rehearsed) are held at the model's own k,
         which is how they are asked."""
         cfg = self.config
-        model = self.model
         rows0 = table[slots].clone()
         rows = (rows0 if start is None else start).detach().clone().requires_grad_(True)
         scale = self._table_scale(table)
         optimizer = torch.optim.Adam([rows], lr=cfg.lr * scale)
+        n_wide = pack.n if n_wide is None else n_wide
+        taught = pack.first(n_wide) if wide and n_wide else None
         steps = 0
         with torch.enable_grad():
             for steps in range(1, cfg.steps + 1):
                 patched = PatchedValues(table, slots, rows)
-                logits = model(inputs, values=patched).logits
-                ce, _, margin = self._scores(logits, labels, mask)
+                ce, _, margin = self._pack_scores(self._logits(pack, patched), pack)
                 loss = ce.sum()
-                if wide and n_wide != 0:
-                    w = slice(0, len(inputs) if n_wide is None else n_wide)
-                    wide_logits = model(inputs[w], values=patched, memory_topk=wide).logits
-                    wide_ce, _, wide_margin = self._scores(wide_logits, labels[w], mask[w])
-                    margin = torch.cat([torch.minimum(margin[w], wide_margin), margin[w.stop :]])
+                if taught is not None:
+                    wide_logits = self._logits(taught, patched, wide)
+                    wide_ce, _, wide_margin = self._pack_scores(wide_logits, taught)
+                    held = margin[n_wide:]
+                    margin = torch.cat([torch.minimum(margin[:n_wide], wide_margin), held])
                     loss = loss + wide_ce.sum()
                 if bool((margin >= need).all()):
                     steps -= 1

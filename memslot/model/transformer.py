@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memslot import kernels
 from memslot.model.config import ModelConfig
-from memslot.model.memory import Lookup, ProductKeyMemory
+from memslot.model.memory import Lookup, PatchedValues, ProductKeyMemory
 
 
 class PromptTooLongError(ValueError):
@@ -159,6 +160,65 @@ class MemoryTransformer(nn.Module):
     def frozen_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight except the value table: what a checkpoint freezes."""
         return {k: v for k, v in self.state_dict().items() if k != "memory_values"}
+
+    # ---- the editor's split at the first memory layer ------------------------------------------
+
+    @property
+    def first_memory_block(self) -> Block:
+        return next(b for b in self.blocks if b.is_memory)
+
+    @property
+    def memory_is_last(self) -> bool:
+        """True when the model's only memory layer is its last block. Then everything from the
+        memory sublayer on (it, the final norm and the head) works on each position alone, and
+        an editor can score a sequence from its target positions' ``memory_entry`` rows."""
+        memory = [b.index for b in self.blocks if b.is_memory]
+        return memory == [len(self.blocks) - 1]
+
+    def memory_entry(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): the residual stream where the first memory layer reads it, after its
+        block's attention. Nothing before that point reads the value table, so it stays the
+        same however the table is edited."""
+        T = tokens.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise PromptTooLongError(
+                f"sequence of {T} tokens exceeds the model's limit of {self.cfg.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            if block.is_memory:
+                return x + block.attn(block.attn_norm(x), cos, sin, None, block.index)
+            x, _ = block(x, cos, sin, None, None, False)
+        raise ValueError("this model has no memory layer")
+
+    def memory_read(self, x: torch.Tensor, topk: int | None = None):
+        """(slots, weights), each (N, H, k), that the memory layer reads for ``memory_entry``
+        rows x (..., D), ``topk`` per head (None: the model's own k)."""
+        block = self.first_memory_block
+        return block.ffn.lookup(block.ffn_norm(x), topk)
+
+    def memory_exit(
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor | PatchedValues,
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (N, vocab) of ``memory_entry`` rows x (N, D) reading ``slots`` with ``weights``
+        (``memory_read``) from ``values``, for a model whose memory layer is its last block
+        (``memory_is_last``). ``gate``: silu(W_gate norm(x)), when the caller keeps it."""
+        block = self.first_memory_block
+        memory = block.ffn
+        if gate is None:
+            gate = F.silu(memory.gate(block.ffn_norm(x)))
+        if isinstance(values, PatchedValues):
+            bag = values.bag(slots.flatten(1), weights.flatten(1))
+        else:
+            bag = kernels.embedding_bag(values, slots.flatten(1), weights.flatten(1), False)
+        y = memory.out(gate * bag.to(x.dtype))
+        return self.lm_head(self.norm(x + y))
 
     def forward(
         self,
