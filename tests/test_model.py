@@ -163,6 +163,28 @@ def test_patched_values_read_and_differentiate_like_a_patched_copy_of_the_table(
     assert table.grad is None
 
 
+def test_memory_entry_and_exit_give_the_model_s_logits_when_memory_is_the_last_block():
+    # The editor scores target positions from their memory-entry rows: that split must give
+    # the full forward's logits, with a patched table too.
+    model = random_model(seed=3)  # memory in block 1 of 2: the last one
+    assert model.memory_is_last
+    assert not random_model(seed=3, layers=(0,)).memory_is_last
+    assert not random_model(seed=3, layers=(0, 1)).memory_is_last
+    tokens = torch.randint(0, 50, (3, 11))
+    slots = torch.tensor([2, 9, 40])
+    rows = torch.randn(3, model.cfg.value_dim)
+    patched = PatchedValues(model.memory_values.detach(), slots, rows)
+    with torch.no_grad():
+        x = model.memory_entry(tokens)  # (B, T, D)
+        for values, topk in ((None, None), (patched, None), (patched, 5)):
+            full = model(tokens, values=values, memory_topk=topk).logits
+            flat = x.reshape(-1, x.shape[-1])
+            read_slots, read_weights = model.memory_read(flat, topk)
+            table = model.memory_values if values is None else values
+            split = model.memory_exit(flat, table, read_slots, read_weights)
+            torch.testing.assert_close(split, full.reshape(split.shape), atol=1e-5, rtol=1e-5)
+
+
 def test_lookup_slots_match_the_layer_lookup_method():
     model = random_model(seed=2)
     tokens = torch.tensor([[3, 4, 5]])
