@@ -307,6 +307,62 @@ def test_value_gradient_of_slots_read_many_times_matches_the_reference(dense):
         assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("block_p", [1, 4])
+@pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
+def test_fused_backward_gives_both_gradients_of_the_reference(n, bag, n_slots, dim, block_p, dense):
+    # grad_out as the layer's backward gives it: in bf16, the dtype the bag was rounded to
+    values, indices, weights, grad_out = bag_inputs(n, bag, n_slots, dim, torch.bfloat16, dim + 2)
+    grad_out = grad_out.to(torch.bfloat16)
+    grad_w, slots, rows = triton_bag.embedding_bag_backward_fused(
+        grad_out, values, indices, weights, torch.float32, dense, block_p=block_p, block_d=1024
+    )
+    want_w, want_slots, want_rows = reference.embedding_bag_backward(
+        grad_out.double(), values.double(), indices, weights.double()
+    )
+    assert torch.equal(slots, want_slots)
+    if dense:
+        assert rows.shape == values.shape
+        rows = rows[want_slots]
+    assert rel_err(grad_w, want_w) < TOLERANCE[torch.float32]
+    assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
+
+
+def test_fused_backward_sums_long_runs_of_one_slot_in_a_fixed_order():
+    values, indices, weights, grad_out = bag_inputs(30 * BIG, 16, 5, 33, torch.float32, seed=6)
+    grad_out = grad_out.to(torch.bfloat16)
+    want_w, want_slots, want_rows = reference.embedding_bag_backward(
+        grad_out.double(), values.double(), indices, weights.double()
+    )
+    runs = [
+        triton_bag.embedding_bag_backward_fused(grad_out, values, indices, weights, block_p=p)
+        for p in (1, 1, 4)
+    ]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][2], runs[1][2])
+    for grad_w, slots, rows in runs:
+        assert torch.equal(slots, want_slots)
+        assert rel_err(grad_w, want_w) < TOLERANCE[torch.float32]
+        assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_autograd_of_a_bag_rounded_to_bf16_gives_the_reference_gradients(sparse):
+    # the layer's call: the output rounded to bf16 in the kernel, so grad_out arrives in bf16
+    # and the backward takes the fused kernel
+    values, indices, weights, grad_out = bag_inputs(10 * BIG, 6, 50, 24, torch.bfloat16, 12)
+    outs, grads = [], []
+    for fn in (reference.embedding_bag, triton_bag.embedding_bag):
+        v, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = fn(v, indices, w, sparse, torch.bfloat16)
+        assert out.dtype == torch.bfloat16
+        out.backward(grad_out.to(torch.bfloat16))
+        outs.append(out.detach())
+        grads.append((v.grad.to_dense(), w.grad))
+    assert rel_err(outs[1], outs[0]) < TOLERANCE[torch.bfloat16]  # fp32 sums, rounded once
+    assert rel_err(grads[1][0], grads[0][0]) < TOLERANCE[torch.bfloat16]
+    assert rel_err(grads[1][1], grads[0][1]) < TOLERANCE[torch.float32]
+
+
 def test_value_gradient_is_bitwise_deterministic():
     # many repeats of few slots: any order-dependent accumulation would show in the low bits
     values, indices, weights, grad_out = bag_inputs(40 * BIG, 16, 5, 33, torch.float32, seed=2)

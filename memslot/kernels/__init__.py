@@ -52,12 +52,17 @@ def query_topk(
 
 
 def embedding_bag(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Weighted sum of value rows, (N, D) fp32; see ``reference.embedding_bag``."""
+    """Weighted sum of value rows, (N, D), accumulated in fp32 and rounded once to
+    ``out_dtype``; see ``reference.embedding_bag``."""
     if _cpu_fp32(values) and "embedding_bag" not in _BACKENDS.get("cpu", {}):
-        return reference.embedding_bag_native(values, indices, weights, sparse_grad)
-    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad)
+        return reference.embedding_bag_native(values, indices, weights, sparse_grad, out_dtype)
+    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad, out_dtype)
 
 
 def _register_optional_backends() -> None:

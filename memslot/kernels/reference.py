@@ -77,18 +77,24 @@ def brute_force_topk(
 
 
 def embedding_bag_forward(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """out[n] = sum_b weights[n, b] * values[indices[n, b]], accumulated in fp32.
 
-    values: (S, D); indices: (N, B) int64; weights: (N, B). Returns (N, D) in fp32.
+    values: (S, D); indices: (N, B) int64; weights: (N, B). Returns (N, D) in fp32, rounded
+    once to ``out_dtype`` when another is asked for.
     """
     if values.dtype == torch.float32:
-        return F.embedding_bag(
+        out = F.embedding_bag(
             indices, values, mode="sum", per_sample_weights=weights.to(torch.float32)
         )
-    rows = values[indices].to(torch.float32)  # (N, B, D)
-    return torch.einsum("nbd,nb->nd", rows, weights.to(torch.float32))
+    else:
+        rows = values[indices].to(torch.float32)  # (N, B, D)
+        out = torch.einsum("nbd,nb->nd", rows, weights.to(torch.float32))
+    return out.to(out_dtype)
 
 
 def embedding_bag_grad_weights(
@@ -137,11 +143,14 @@ def embedding_bag_backward(
 
 
 class BagKernels(NamedTuple):
-    """The three kernels behind a differentiable embedding bag (this module's, or Triton's)."""
+    """The kernels behind a differentiable embedding bag (this module's, or Triton's)."""
 
-    forward: Callable[..., torch.Tensor]  # (values, indices, weights) -> (N, D) fp32
+    forward: Callable[..., torch.Tensor]  # (values, indices, weights, out_dtype) -> (N, D)
     grad_weights: Callable[..., torch.Tensor]  # (grad_out, values, indices) -> (N, B) fp32
     grad_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # see embedding_bag_grad_rows
+    # both gradients at once, (grad_out, values, indices, weights, dtype, dense) ->
+    # (grad_w, slots, rows), or None if the backend has only the two kernels above
+    grad_both: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 REFERENCE_BAG = BagKernels(
@@ -151,43 +160,59 @@ REFERENCE_BAG = BagKernels(
 
 class EmbeddingBag(torch.autograd.Function):
     """Weighted embedding bag with an explicit backward (sparse or dense value gradient), on
-    whichever ``BagKernels`` it is given."""
+    whichever ``BagKernels`` it is given; the output in ``out_dtype``."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, sparse_grad: bool, kernels: BagKernels):  # noqa: D102
+    def forward(ctx, values, indices, weights, sparse_grad: bool, kernels: BagKernels,
+                out_dtype: torch.dtype):  # fmt: skip  # noqa: D102
         ctx.save_for_backward(values, indices, weights)
         ctx.sparse_grad, ctx.kernels = sparse_grad, kernels
-        return kernels.forward(values, indices, weights)
+        return kernels.forward(values, indices, weights, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         values, indices, weights = ctx.saved_tensors
-        grad_values = grad_w = None
-        if ctx.needs_input_grad[0]:
-            slots, rows = ctx.kernels.grad_rows(
-                grad_out, values, indices, weights, values.dtype, dense=not ctx.sparse_grad
+        need_rows, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dense = not ctx.sparse_grad
+        slots = rows = grad_w = None
+        if need_rows and need_w and ctx.kernels.grad_both is not None:
+            grad_w, slots, rows = ctx.kernels.grad_both(
+                grad_out, values, indices, weights, values.dtype, dense
             )
-            if ctx.sparse_grad:
-                grad_values = torch.sparse_coo_tensor(
-                    slots.unsqueeze(0), rows, values.shape, is_coalesced=True,
-                    check_invariants=False,
-                )  # fmt: skip
-            else:
-                grad_values = rows
-        if ctx.needs_input_grad[2]:
-            grad_w = ctx.kernels.grad_weights(grad_out, values, indices).to(weights.dtype)
-        return grad_values, None, grad_w, None, None
+        else:
+            if need_rows:
+                slots, rows = ctx.kernels.grad_rows(
+                    grad_out, values, indices, weights, values.dtype, dense=dense
+                )
+            if need_w:
+                grad_w = ctx.kernels.grad_weights(grad_out, values, indices)
+        grad_values = rows
+        if rows is not None and ctx.sparse_grad:
+            grad_values = torch.sparse_coo_tensor(
+                slots.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
+            )
+        if grad_w is not None:
+            grad_w = grad_w.to(weights.dtype)
+        return grad_values, None, grad_w, None, None, None
 
 
 def embedding_bag(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Differentiable weighted embedding bag; see ``embedding_bag_forward``."""
-    return EmbeddingBag.apply(values, indices, weights, sparse_grad, REFERENCE_BAG)
+    return EmbeddingBag.apply(values, indices, weights, sparse_grad, REFERENCE_BAG, out_dtype)
 
 
 def embedding_bag_native(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The same operation through PyTorch's built-in ``F.embedding_bag`` autograd.
 
@@ -196,4 +221,4 @@ def embedding_bag_native(
     """
     return F.embedding_bag(
         indices, values, mode="sum", per_sample_weights=weights.to(values.dtype), sparse=sparse_grad
-    )
+    ).to(out_dtype)

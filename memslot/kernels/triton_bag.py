@@ -51,7 +51,7 @@ def _bag_forward_kernel(
             other=0.0,
         ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
         acc += tl.sum(rows * w[:, None], axis=0)
-    tl.store(out_ptr + n * D + d, acc, mask=d_mask)
+    tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -137,6 +137,71 @@ def _bag_grad_rows_kernel(
     tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit
+def _bag_grad_fused_kernel(
+    values_ptr,
+    grad_out_ptr,
+    weights_ptr,
+    order_ptr,
+    offsets_ptr,
+    slots_ptr,
+    grad_w_ptr,
+    out_ptr,
+    B,
+    D,
+    n_pairs,
+    stride_v,
+    stride_g,
+    stride_out,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DENSE: tl.constexpr,
+):
+    """Both gradients from one walk over the sorted pairs, one program per (unique slot u,
+    block of the value dim):
+
+        row u       = sum over u's pairs p of weights[p] * grad_out[p // B]
+        grad_w[p]   = <values[u], grad_out[p // B]>   (this block's part of the dot)
+
+    The slot's value row is read once, however many pairs read it (the two-kernel backward
+    gathers it once per pair), and each pair's grad_out row is gathered once for both sums.
+    Pairs are taken in their sorted order, BLOCK_P at a time: the same bits on every run.
+    """
+    u = tl.program_id(0)
+    dblk = tl.program_id(1)
+    d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    start = tl.load(offsets_ptr + u)
+    end = tl.load(offsets_ptr + u + 1)
+    slot = tl.load(slots_ptr + u).to(tl.int64)
+    v = tl.load(values_ptr + slot * stride_v + d, mask=d_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    grad_w = grad_w_ptr + dblk.to(tl.int64) * n_pairs  # (blocks of D, N * B) partial dots
+    if BLOCK_P == 1:
+        for p in range(start, end):
+            pair = tl.load(order_ptr + p).to(tl.int64)
+            w = tl.load(weights_ptr + pair).to(tl.float32)
+            g = tl.load(grad_out_ptr + (pair // B) * stride_g + d, mask=d_mask, other=0.0)
+            g = g.to(tl.float32)
+            acc += w * g
+            tl.store(grad_w + pair, tl.sum(g * v, axis=0))
+    else:
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p < end
+            pair = tl.load(order_ptr + p, mask=p_mask, other=0).to(tl.int64)
+            w = tl.load(weights_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
+            g = tl.load(
+                grad_out_ptr + (pair // B)[:, None] * stride_g + d[None, :],
+                mask=p_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_P, BLOCK_D)
+            acc += tl.sum(g * w[:, None], axis=0)
+            tl.store(grad_w + pair, tl.sum(g * v[None, :], axis=1), mask=p_mask)
+    row = slot if DENSE else u.to(tl.int64)
+    tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
 def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
     """(BLOCK_D, rows per tile) so that one tile holds about ``elem_budget`` elements."""
     block_d = min(max(triton.next_power_of_2(D), 16), 1024)
@@ -144,12 +209,16 @@ def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
 
 
 def embedding_bag_forward(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32; (N, D)."""
+    """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32, stored in ``out_dtype``;
+    (N, D)."""
     N, B = indices.shape
     D = values.shape[1]
-    out = torch.empty(N, D, dtype=torch.float32, device=values.device)
+    out = torch.empty(N, D, dtype=out_dtype, device=values.device)
     if N == 0 or D == 0:
         return out
     if B == 0:
@@ -252,6 +321,56 @@ def embedding_bag_grad_rows(
     return slots, out
 
 
+def embedding_bag_backward_fused(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    dense: bool = False,
+    block_p: int = 1,
+    block_d: int = 1024,
+    num_warps: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_w (N, B) fp32, slots, rows): both gradients by one kernel over the sorted pairs,
+    rows as ``embedding_bag_grad_rows`` returns them (in ``dtype``; dense or sparse).
+
+    grad_out is read in its own dtype for both sums: the weight gradients are as exact as the
+    two-kernel backward's when grad_out is what the forward's output was rounded to
+    (``embedding_bag(..., out_dtype=...)``), and the autograd takes this path only then.
+    """
+    S, D = values.shape
+    N, B = indices.shape
+    device = values.device
+    grad_w = torch.empty(N, B, dtype=torch.float32, device=device)
+    if indices.numel() == 0 or D == 0:
+        slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
+        return grad_w.zero_(), slots, rows
+    slots, order, offsets = _sorted_segments(indices, S)
+    U = slots.numel()
+    out = (
+        torch.zeros(S, D, dtype=dtype, device=device)
+        if dense
+        else torch.empty(U, D, dtype=dtype, device=device)
+    )
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    block_d = min(max(triton.next_power_of_2(D), 16), block_d)
+    d_blocks = triton.cdiv(D, block_d)
+    # each block of the value dim writes its part of every dot; a single block, grad_w itself
+    parts = grad_w if d_blocks == 1 else torch.empty(d_blocks, N, B, device=device)
+    _bag_grad_fused_kernel[(U, d_blocks)](
+        values, grad_out, weights.contiguous(), order, offsets, slots, parts, out, B, D, N * B,
+        values.stride(0), grad_out.stride(0), out.stride(0),
+        BLOCK_P=block_p, BLOCK_D=block_d, DENSE=dense, num_warps=num_warps,
+    )  # fmt: skip
+    if d_blocks > 1:
+        grad_w = parts.sum(0)
+    return grad_w, slots, out
+
+
 def embedding_bag_backward(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,13 +386,31 @@ def _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense=F
     return embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense, grad_dtype=low)
 
 
+def _grad_both(grad_out, values, indices, weights, dtype, dense=False):
+    """The autograd's two gradients: by the fused kernel when grad_out is 16-bit (the bag's
+    output was rounded to it, so reading it in that dtype loses nothing), else by the weight
+    and row kernels, which read an fp32 grad_out whole for the weight gradients."""
+    if grad_out.dtype in (torch.float16, torch.bfloat16):
+        return embedding_bag_backward_fused(grad_out, values, indices, weights, dtype, dense)
+    grad_w = embedding_bag_grad_weights(grad_out, values, indices)
+    slots, rows = _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense)
+    return grad_w, slots, rows
+
+
 TRITON_BAG = reference.BagKernels(
-    embedding_bag_forward, embedding_bag_grad_weights, _grad_rows_in_table_dtype
+    embedding_bag_forward, embedding_bag_grad_weights, _grad_rows_in_table_dtype, _grad_both
 )
 
 
 def embedding_bag(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Differentiable weighted embedding bag, (N, D) fp32; see ``reference.embedding_bag``."""
-    return reference.EmbeddingBag.apply(values, indices, weights, sparse_grad, TRITON_BAG)
+    """Differentiable weighted embedding bag, (N, D) in ``out_dtype``; see
+    ``reference.embedding_bag``."""
+    return reference.EmbeddingBag.apply(
+        values, indices, weights, sparse_grad, TRITON_BAG, out_dtype
+    )

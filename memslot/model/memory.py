@@ -98,12 +98,12 @@ class ProductKeyMemory(nn.Module):
         B, T, _ = x.shape
         slots, weights = self.lookup(x, topk)  # (N, H, k)
         if isinstance(values, PatchedValues):
-            bag = values.bag(slots.flatten(1), weights.flatten(1))  # (N, Dv) fp32
-        else:
+            bag = values.bag(slots.flatten(1), weights.flatten(1)).to(x.dtype)  # (N, Dv)
+        else:  # (N, Dv), summed in fp32 and rounded once to x's dtype by the kernel
             bag = kernels.embedding_bag(
-                values, slots.flatten(1), weights.flatten(1), sparse_grad
-            )  # (N, Dv) fp32
-        memory = bag.to(x.dtype).view(B, T, -1)  # (B, T, Dv)
+                values, slots.flatten(1), weights.flatten(1), sparse_grad, x.dtype
+            )
+        memory = bag.view(B, T, -1)  # (B, T, Dv)
         y = self.out(F.silu(self.gate(x)) * memory)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))
