@@ -99,15 +99,17 @@ TOPK_VARIANTS = (
         for stop in (1, 2, 3)
     ]
 )
-FUSED_VARIANTS = [
-    dict(block_p=p, block_d=d, num_warps=w)
-    for p, d, w in [
-        (1, 1024, 1),
-        (1, 1024, 2),
-        (1, 1024, 4),
-        (2, 1024, 2),
-        (4, 1024, 4),
-        (1, 512, 1),
+FUSED_VARIANTS = [  # keep_grad: L2 eviction hints that keep grad_out there (False: none)
+    dict(block_p=p, block_d=d, num_warps=w, keep_grad=k)
+    for p, d, w, k in [
+        (1, 1024, 2, False),
+        (1, 1024, 2, True),
+        (1, 512, 1, False),
+        (1, 512, 1, True),
+        (1, 512, 2, True),
+        (1, 256, 1, True),
+        (1, 256, 2, True),
+        (2, 512, 1, True),
     ]
 ]
 ROWS_VARIANTS = [
@@ -299,7 +301,9 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
     )
     rows_bytes = N * B * (8 + 4 + 8) + N * D * 4 + U * D * esz
     sort_ms = bench_ms(lambda: triton_bag._sorted_segments(indices, S))
-    print(f"    sort + segment of {N * B:,} pairs: {sort_ms:.3f} ms")
+    flat32 = indices.reshape(-1).to(torch.int32)
+    only_ms = bench_ms(lambda: torch.sort(flat32, stable=True))
+    print(f"    sort + segment of {N * B:,} pairs: {sort_ms:.3f} ms (the sort alone {only_ms:.3f})")
     if sweep:
         tile_sweep(
             "value rows fp32 grad",

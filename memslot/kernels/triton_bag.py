@@ -147,15 +147,17 @@ def _bag_grad_fused_kernel(
     slots_ptr,
     grad_w_ptr,
     out_ptr,
-    B,
     D,
     n_pairs,
     stride_v,
     stride_g,
     stride_out,
+    B: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DENSE: tl.constexpr,
+    STREAM: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     """Both gradients from one walk over the sorted pairs, one program per (unique slot u,
     block of the value dim):
@@ -166,6 +168,9 @@ def _bag_grad_fused_kernel(
     The slot's value row is read once, however many pairs read it (the two-kernel backward
     gathers it once per pair), and each pair's grad_out row is gathered once for both sums.
     Pairs are taken in their sorted order, BLOCK_P at a time: the same bits on every run.
+    STREAM and KEEP are the L2 eviction policies of the value rows read and the gradient rows
+    written ("evict_first") and of the grad_out rows gathered ("evict_last"), or "" for none:
+    every pair gathers from grad_out, so it should stay in L2 while the rows stream through.
     """
     u = tl.program_id(0)
     dblk = tl.program_id(1)
@@ -174,14 +179,17 @@ def _bag_grad_fused_kernel(
     start = tl.load(offsets_ptr + u)
     end = tl.load(offsets_ptr + u + 1)
     slot = tl.load(slots_ptr + u).to(tl.int64)
-    v = tl.load(values_ptr + slot * stride_v + d, mask=d_mask, other=0.0).to(tl.float32)
+    v = tl.load(values_ptr + slot * stride_v + d, mask=d_mask, other=0.0, eviction_policy=STREAM)
+    v = v.to(tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     grad_w = grad_w_ptr + dblk.to(tl.int64) * n_pairs  # (blocks of D, N * B) partial dots
     if BLOCK_P == 1:
         for p in range(start, end):
-            pair = tl.load(order_ptr + p).to(tl.int64)
+            pair = tl.load(order_ptr + p).to(tl.int32)  # N * B < 2**31 (checked by the caller)
             w = tl.load(weights_ptr + pair).to(tl.float32)
-            g = tl.load(grad_out_ptr + (pair // B) * stride_g + d, mask=d_mask, other=0.0)
+            token = (pair // B).to(tl.int64)
+            g = tl.load(grad_out_ptr + token * stride_g + d, mask=d_mask, other=0.0,
+                        eviction_policy=KEEP)  # fmt: skip
             g = g.to(tl.float32)
             acc += w * g
             tl.store(grad_w + pair, tl.sum(g * v, axis=0))
@@ -189,17 +197,20 @@ def _bag_grad_fused_kernel(
         for p0 in range(start, end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             p_mask = p < end
-            pair = tl.load(order_ptr + p, mask=p_mask, other=0).to(tl.int64)
+            pair = tl.load(order_ptr + p, mask=p_mask, other=0).to(tl.int32)
             w = tl.load(weights_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
+            token = (pair // B).to(tl.int64)
             g = tl.load(
-                grad_out_ptr + (pair // B)[:, None] * stride_g + d[None, :],
+                grad_out_ptr + token[:, None] * stride_g + d[None, :],
                 mask=p_mask[:, None] & d_mask[None, :],
                 other=0.0,
+                eviction_policy=KEEP,
             ).to(tl.float32)  # (BLOCK_P, BLOCK_D)
             acc += tl.sum(g * w[:, None], axis=0)
             tl.store(grad_w + pair, tl.sum(g * v[None, :], axis=1), mask=p_mask)
     row = slot if DENSE else u.to(tl.int64)
-    tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask,
+             eviction_policy=STREAM)  # fmt: skip
 
 
 def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
@@ -329,8 +340,9 @@ def embedding_bag_backward_fused(
     dtype: torch.dtype = torch.float32,
     dense: bool = False,
     block_p: int = 1,
-    block_d: int = 1024,
-    num_warps: int = 2,
+    block_d: int = 512,
+    num_warps: int = 1,
+    keep_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_w (N, B) fp32, slots, rows): both gradients by one kernel over the sorted pairs,
     rows as ``embedding_bag_grad_rows`` returns them (in ``dtype``; dense or sparse).
@@ -346,6 +358,8 @@ def embedding_bag_backward_fused(
     if indices.numel() == 0 or D == 0:
         slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
         return grad_w.zero_(), slots, rows
+    if N * B >= 2**31:  # the kernel indexes pairs in int32
+        raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {N * B}")
     slots, order, offsets = _sorted_segments(indices, S)
     U = slots.numel()
     out = (
@@ -362,9 +376,11 @@ def embedding_bag_backward_fused(
     # each block of the value dim writes its part of every dot; a single block, grad_w itself
     parts = grad_w if d_blocks == 1 else torch.empty(d_blocks, N, B, device=device)
     _bag_grad_fused_kernel[(U, d_blocks)](
-        values, grad_out, weights.contiguous(), order, offsets, slots, parts, out, B, D, N * B,
+        values, grad_out, weights.contiguous(), order, offsets, slots, parts, out, D, N * B,
         values.stride(0), grad_out.stride(0), out.stride(0),
-        BLOCK_P=block_p, BLOCK_D=block_d, DENSE=dense, num_warps=num_warps,
+        B=B, BLOCK_P=block_p, BLOCK_D=block_d, DENSE=dense,
+        STREAM="evict_first" if keep_grad else "", KEEP="evict_last" if keep_grad else "",
+        num_warps=num_warps,
     )  # fmt: skip
     if d_blocks > 1:
         grad_w = parts.sum(0)

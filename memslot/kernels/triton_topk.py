@@ -6,7 +6,8 @@ product per chunk (the key loads pipelined two stages deep), twice: the first pa
 of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a bisection on
 those maxima gives a value that K of them reach: a lower bound on the K-th best score. The
 second compacts the few scores at or above it (about 43 of 1,024 on random keys) into a small
-per-row scratch list, which one bitonic top-k (``tl.topk`` on packed (score, index) int64 keys)
+per-row scratch list (each as its fp32 bits and index in one int64), which one bitonic top-k
+(``tl.topk`` on (score, index) int64 keys ordered as the scores, made from the candidates kept)
 ranks. Each candidate's place is its row's count so far plus a matrix product of the chunk's
 kept mask with the strict upper triangle, and the candidates are stored by inline PTX in the
 matrix product's own register layout (a plain ``tl.store`` first moves the tile, its pointers
@@ -77,6 +78,21 @@ def _unpack(key):
     ordered = (key >> 32).to(tl.int32)
     bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
     return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _raw(score, index):
+    """A candidate as pass two stores it: (fp32 bits << 32) | index, a few instructions for
+    every score it tests; ``_rank_key`` makes a ``_pack`` key of it for the few it kept."""
+    return (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | index.to(tl.int64)
+
+
+@triton.jit
+def _rank_key(raw, valid):
+    """The ``_pack`` key of a ``_raw`` candidate; below every real key where not valid."""
+    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    key = _pack(score, (raw & 0x7FFFFFFF).to(tl.int32))
+    return tl.where(valid, key, -9223372036854775807)
 
 
 @triton.jit
@@ -239,7 +255,7 @@ def _half_topk_kernel(
         tl.store(half_s_ptr + out_off, tl.broadcast_to(bound[:, None], (BLOCK_N, KP)), out_mask)
         return
 
-    scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * WIDE  # (2, H, N, WIDE) keys
+    scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * WIDE  # (2, H, N, WIDE), ``_raw``
     if SCAN != 0:
         tri = ccol[:, None] < ccol[None, :]  # tri[c', c] = c' < c: keep @ tri counts kept before c
         if IEEE:
@@ -255,7 +271,7 @@ def _half_topk_kernel(
             place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
             tl.store(
                 scratch + rows[:, None] * WIDE + place,
-                _pack(s, cols[None, :]),
+                _raw(s, cols[None, :]),
                 mask=keep & (place < WIDE) & row_mask[:, None],
             )
         else:  # places by a matrix product with the strict triangle: stays in the dot layout
@@ -266,9 +282,9 @@ def _half_topk_kernel(
             place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), WIDE)
             dst = scratch + rows[:, None] * WIDE + place
             if SCAN == 1:
-                tl.store(dst, _pack(s, cols[None, :]), mask=place < WIDE)
+                tl.store(dst, _raw(s, cols[None, :]), mask=place < WIDE)
             else:  # a store in the registers' own layout (no conversion to a coalesced one)
-                _store_in_place(dst, _pack(s, cols[None, :]), place < WIDE)
+                _store_in_place(dst, _raw(s, cols[None, :]), place < WIDE)
         count += tl.sum(keep.to(tl.int32), axis=1)
     if STOP == 2:
         tl.store(half_i_ptr + out_off, tl.broadcast_to(count[:, None], (BLOCK_N, KP)), out_mask)
@@ -278,11 +294,9 @@ def _half_topk_kernel(
     enough = tl.min(tl.where(row_mask, count, K), axis=0) >= K
     if enough & (most <= CAP):  # the common case: every row's candidates in CAP places
         slot = tl.arange(0, CAP)
-        cand = tl.load(
-            scratch + rows[:, None] * WIDE + slot[None, :],
-            mask=(slot[None, :] < count[:, None]) & row_mask[:, None],
-            other=-9223372036854775807,  # below every real key
-        )
+        valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
+        cand = tl.load(scratch + rows[:, None] * WIDE + slot[None, :], mask=valid, other=0)
+        cand = _rank_key(cand, valid)
         _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, tl.topk(cand, KP))
     else:
         if WIDE > CAP:
@@ -295,11 +309,11 @@ def _half_topk_kernel(
                     srows = tl.program_id(0) * BLOCK_N + r0 + tl.arange(0, SUB)
                     smask = srows < N
                     scount = tl.load(counts + srows, mask=smask, other=0)
+                    valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
                     cand = tl.load(
-                        scratch + srows[:, None] * WIDE + wslot[None, :],
-                        mask=(wslot[None, :] < scount[:, None]) & smask[:, None],
-                        other=-9223372036854775807,
+                        scratch + srows[:, None] * WIDE + wslot[None, :], mask=valid, other=0
                     )
+                    cand = _rank_key(cand, valid)
                     soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
                     smk = smask[:, None] & (kcol[None, :] < K)
                     _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
