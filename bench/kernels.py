@@ -99,17 +99,18 @@ TOPK_VARIANTS = (
         for stop in (1, 2, 3)
     ]
 )
-FUSED_VARIANTS = [  # keep_grad: L2 eviction hints that keep grad_out there (False: none)
-    dict(block_p=p, block_d=d, num_warps=w, keep_grad=k)
-    for p, d, w, k in [
-        (1, 1024, 2, False),
-        (1, 1024, 2, True),
-        (1, 512, 1, False),
-        (1, 512, 1, True),
-        (1, 512, 2, True),
-        (1, 256, 1, True),
-        (1, 256, 2, True),
-        (2, 512, 1, True),
+FUSED_VARIANTS = [  # keep_grad: L2 eviction hints that keep grad_out there (False: none);
+    # presorted: the pairs' indices, weights and tokens gathered into sorted order first
+    dict(block_p=p, block_d=d, num_warps=w, keep_grad=k, presorted=s)
+    for p, d, w, k, s in [
+        (1, 1024, 2, False, False),
+        (1, 512, 1, True, False),
+        (2, 512, 1, True, False),
+        (1, 512, 1, True, True),
+        (2, 512, 1, True, True),
+        (4, 512, 1, True, True),
+        (2, 1024, 2, True, True),
+        (2, 512, 2, True, True),
     ]
 ]
 ROWS_VARIANTS = [

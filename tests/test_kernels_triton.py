@@ -308,15 +308,18 @@ def test_value_gradient_of_slots_read_many_times_matches_the_reference(dense):
 
 
 @pytest.mark.parametrize("dense", [False, True])
-@pytest.mark.parametrize("block_p", [1, 4])
+@pytest.mark.parametrize("block_p,presorted", [(1, False), (4, False), (1, True), (2, True)])
 @pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
-def test_fused_backward_gives_both_gradients_of_the_reference(n, bag, n_slots, dim, block_p, dense):
+def test_fused_backward_gives_both_gradients_of_the_reference(
+    n, bag, n_slots, dim, block_p, presorted, dense
+):
     # grad_out as the layer's backward gives it: in bf16, the dtype the bag was rounded to
     values, indices, weights, grad_out = bag_inputs(n, bag, n_slots, dim, torch.bfloat16, dim + 2)
     grad_out = grad_out.to(torch.bfloat16)
     grad_w, slots, rows = triton_bag.embedding_bag_backward_fused(
-        grad_out, values, indices, weights, torch.float32, dense, block_p=block_p, block_d=1024
-    )
+        grad_out, values, indices, weights, torch.float32, dense, block_p, 1024,
+        presorted=presorted,
+    )  # fmt: skip
     want_w, want_slots, want_rows = reference.embedding_bag_backward(
         grad_out.double(), values.double(), indices, weights.double()
     )
@@ -335,8 +338,10 @@ def test_fused_backward_sums_long_runs_of_one_slot_in_a_fixed_order():
         grad_out.double(), values.double(), indices, weights.double()
     )
     runs = [
-        triton_bag.embedding_bag_backward_fused(grad_out, values, indices, weights, block_p=p)
-        for p in (1, 1, 4)
+        triton_bag.embedding_bag_backward_fused(
+            grad_out, values, indices, weights, block_p=p, presorted=presorted
+        )
+        for p, presorted in ((1, False), (1, False), (4, False), (2, True))
     ]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][2], runs[1][2])
     for grad_w, slots, rows in runs:

@@ -138,11 +138,28 @@ def _bag_grad_rows_kernel(
 
 
 @triton.jit
+def _sorted_pairs(p, mask, order_ptr, weights_ptr, tokens_ptr, B: tl.constexpr,
+                  PRESORTED: tl.constexpr):  # fmt: skip
+    """(pair index, weight, token) of the sorted pairs p: loaded in sorted order (PRESORTED),
+    or gathered through the pair index, one load after another."""
+    if PRESORTED:
+        pair = tl.load(order_ptr + p, mask=mask, other=0)
+        w = tl.load(weights_ptr + p, mask=mask, other=0.0)
+        token = tl.load(tokens_ptr + p, mask=mask, other=0)
+    else:
+        pair = tl.load(order_ptr + p, mask=mask, other=0).to(tl.int32)  # N * B < 2**31
+        w = tl.load(weights_ptr + pair, mask=mask, other=0.0)
+        token = pair // B
+    return pair, w.to(tl.float32), token.to(tl.int64)
+
+
+@triton.jit
 def _bag_grad_fused_kernel(
     values_ptr,
     grad_out_ptr,
     weights_ptr,
     order_ptr,
+    tokens_ptr,
     offsets_ptr,
     slots_ptr,
     grad_w_ptr,
@@ -158,6 +175,7 @@ def _bag_grad_fused_kernel(
     DENSE: tl.constexpr,
     STREAM: tl.constexpr,
     KEEP: tl.constexpr,
+    PRESORTED: tl.constexpr,
 ):
     """Both gradients from one walk over the sorted pairs, one program per (unique slot u,
     block of the value dim):
@@ -168,6 +186,8 @@ def _bag_grad_fused_kernel(
     The slot's value row is read once, however many pairs read it (the two-kernel backward
     gathers it once per pair), and each pair's grad_out row is gathered once for both sums.
     Pairs are taken in their sorted order, BLOCK_P at a time: the same bits on every run.
+    With PRESORTED, order, weights and tokens are the pairs' indices, weights and tokens already
+    in sorted order (one load before the grad_out rows, not two).
     STREAM and KEEP are the L2 eviction policies of the value rows read and the gradient rows
     written ("evict_first") and of the grad_out rows gathered ("evict_last"), or "" for none:
     every pair gathers from grad_out, so it should stay in L2 while the rows stream through.
@@ -185,9 +205,8 @@ def _bag_grad_fused_kernel(
     grad_w = grad_w_ptr + dblk.to(tl.int64) * n_pairs  # (blocks of D, N * B) partial dots
     if BLOCK_P == 1:
         for p in range(start, end):
-            pair = tl.load(order_ptr + p).to(tl.int32)  # N * B < 2**31 (checked by the caller)
-            w = tl.load(weights_ptr + pair).to(tl.float32)
-            token = (pair // B).to(tl.int64)
+            pair, w, token = _sorted_pairs(p, p < end, order_ptr, weights_ptr, tokens_ptr, B,
+                                           PRESORTED)  # fmt: skip
             g = tl.load(grad_out_ptr + token * stride_g + d, mask=d_mask, other=0.0,
                         eviction_policy=KEEP)  # fmt: skip
             g = g.to(tl.float32)
@@ -197,9 +216,8 @@ def _bag_grad_fused_kernel(
         for p0 in range(start, end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             p_mask = p < end
-            pair = tl.load(order_ptr + p, mask=p_mask, other=0).to(tl.int32)
-            w = tl.load(weights_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
-            token = (pair // B).to(tl.int64)
+            pair, w, token = _sorted_pairs(p, p_mask, order_ptr, weights_ptr, tokens_ptr, B,
+                                           PRESORTED)  # fmt: skip
             g = tl.load(
                 grad_out_ptr + token[:, None] * stride_g + d[None, :],
                 mask=p_mask[:, None] & d_mask[None, :],
@@ -343,6 +361,7 @@ def embedding_bag_backward_fused(
     block_d: int = 512,
     num_warps: int = 1,
     keep_grad: bool = True,
+    presorted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_w (N, B) fp32, slots, rows): both gradients by one kernel over the sorted pairs,
     rows as ``embedding_bag_grad_rows`` returns them (in ``dtype``; dense or sparse).
@@ -375,12 +394,16 @@ def embedding_bag_backward_fused(
     d_blocks = triton.cdiv(D, block_d)
     # each block of the value dim writes its part of every dot; a single block, grad_w itself
     parts = grad_w if d_blocks == 1 else torch.empty(d_blocks, N, B, device=device)
+    pair_weights, tokens = weights.contiguous(), order
+    if presorted:  # the pairs' indices, weights and tokens in sorted order: 2.1M-long passes
+        order = order.to(torch.int32)
+        pair_weights, tokens = pair_weights.reshape(-1)[order], order // B
     _bag_grad_fused_kernel[(U, d_blocks)](
-        values, grad_out, weights.contiguous(), order, offsets, slots, parts, out, D, N * B,
+        values, grad_out, pair_weights, order, tokens, offsets, slots, parts, out, D, N * B,
         values.stride(0), grad_out.stride(0), out.stride(0),
         B=B, BLOCK_P=block_p, BLOCK_D=block_d, DENSE=dense,
         STREAM="evict_first" if keep_grad else "", KEEP="evict_last" if keep_grad else "",
-        num_warps=num_warps,
+        PRESORTED=presorted, num_warps=num_warps,
     )  # fmt: skip
     if d_blocks > 1:
         grad_w = parts.sum(0)
