@@ -292,6 +292,16 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
         f"{tbs:.2f} TB/s",
         f"{tbs / copy_tbs:.0%} of copy; reference {ref_ms:.3f} ms; target >= 95%",
     )
+    # the layer's read: silu(gate) * bag, rounded once to bf16, by the same kernel
+    gate = torch.randn(N, D, device=dev, generator=g).to(dt)
+    gated = triton_bag.embedding_bag_forward_gated(values, indices, weights, gate, dt)[0]
+    err = rel_err(gated, reference.silu_gated(gate, out, dt))
+    check(err < 1e-2, f"gated bag forward vs reference ({err:.1e})")
+    ms_g = bench_ms(
+        lambda: triton_bag.embedding_bag_forward_gated(values, indices, weights, gate, dt)
+    )
+    row("  forward gated: silu(gate) * bag, bf16 out", ms_g, "", f"{ms_g / ms:.2f}x the bag")
+    del gated
     gw_bytes = N * B * (D * esz + 8 + 4) + N * D * 4
     ms_w = bench_ms(lambda: triton_bag.embedding_bag_grad_weights(grad_out, values, indices))
     row(

@@ -368,6 +368,23 @@ def test_autograd_of_a_bag_rounded_to_bf16_gives_the_reference_gradients(sparse)
     assert rel_err(grads[1][1], grads[0][1]) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_bag_gives_the_reference_output_and_gradients(dtype, sparse):
+    # the memory layer's read: silu(gate) * bag, with gradients for the rows, weights and gate
+    values, indices, weights, grad_out = bag_inputs(10 * BIG, 6, 50, 40, dtype, seed=13)
+    gate = torch.randn(10 * BIG, 40, generator=torch.Generator().manual_seed(14)).to(DEVICE, dtype)
+    results = []
+    for fn in (reference.embedding_bag, triton_bag.embedding_bag):
+        v, w, g = (t.clone().requires_grad_() for t in (values, weights, gate))
+        out = fn(v, indices, w, sparse, dtype, g)
+        assert out.dtype == dtype
+        out.backward(grad_out.to(dtype))
+        results.append((out.detach(), v.grad.to_dense(), w.grad, g.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert rel_err(got, want) < TOLERANCE[dtype]
+
+
 def test_value_gradient_is_bitwise_deterministic():
     # many repeats of few slots: any order-dependent accumulation would show in the low bits
     values, indices, weights, grad_out = bag_inputs(40 * BIG, 16, 5, 33, torch.float32, seed=2)

@@ -57,12 +57,16 @@ def embedding_bag(
     weights: torch.Tensor,
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted sum of value rows, (N, D), accumulated in fp32 and rounded once to
-    ``out_dtype``; see ``reference.embedding_bag``."""
+    ``out_dtype``; with ``gate`` (N, D), silu(gate) times that sum, gated in fp32 before the
+    rounding. See ``reference.embedding_bag``."""
     if _cpu_fp32(values) and "embedding_bag" not in _BACKENDS.get("cpu", {}):
-        return reference.embedding_bag_native(values, indices, weights, sparse_grad, out_dtype)
-    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad, out_dtype)
+        return reference.embedding_bag_native(
+            values, indices, weights, sparse_grad, out_dtype, gate
+        )
+    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad, out_dtype, gate)
 
 
 def _register_optional_backends() -> None:

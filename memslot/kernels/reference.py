@@ -158,6 +158,41 @@ REFERENCE_BAG = BagKernels(
 )
 
 
+def bag_grads(
+    kernels: BagKernels,
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    need: tuple[bool, bool],
+    sparse_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(value-table gradient (sparse or dense) or None, weight gradient or None) of a bag whose
+    output's gradient is grad_out; ``need`` says which of the two are wanted."""
+    need_rows, need_w = need
+    dense = not sparse_grad
+    slots = rows = grad_w = None
+    if need_rows and need_w and kernels.grad_both is not None:
+        grad_w, slots, rows = kernels.grad_both(
+            grad_out, values, indices, weights, values.dtype, dense
+        )
+    else:
+        if need_rows:
+            slots, rows = kernels.grad_rows(
+                grad_out, values, indices, weights, values.dtype, dense=dense
+            )
+        if need_w:
+            grad_w = kernels.grad_weights(grad_out, values, indices)
+    grad_values = rows
+    if rows is not None and sparse_grad:
+        grad_values = torch.sparse_coo_tensor(
+            slots.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
+        )
+    if grad_w is not None:
+        grad_w = grad_w.to(weights.dtype)
+    return grad_values, grad_w
+
+
 class EmbeddingBag(torch.autograd.Function):
     """Weighted embedding bag with an explicit backward (sparse or dense value gradient), on
     whichever ``BagKernels`` it is given; the output in ``out_dtype``."""
@@ -172,28 +207,16 @@ class EmbeddingBag(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         values, indices, weights = ctx.saved_tensors
-        need_rows, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dense = not ctx.sparse_grad
-        slots = rows = grad_w = None
-        if need_rows and need_w and ctx.kernels.grad_both is not None:
-            grad_w, slots, rows = ctx.kernels.grad_both(
-                grad_out, values, indices, weights, values.dtype, dense
-            )
-        else:
-            if need_rows:
-                slots, rows = ctx.kernels.grad_rows(
-                    grad_out, values, indices, weights, values.dtype, dense=dense
-                )
-            if need_w:
-                grad_w = ctx.kernels.grad_weights(grad_out, values, indices)
-        grad_values = rows
-        if rows is not None and ctx.sparse_grad:
-            grad_values = torch.sparse_coo_tensor(
-                slots.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
-            )
-        if grad_w is not None:
-            grad_w = grad_w.to(weights.dtype)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        grad_values, grad_w = bag_grads(
+            ctx.kernels, grad_out, values, indices, weights, need, ctx.sparse_grad
+        )
         return grad_values, None, grad_w, None, None, None
+
+
+def silu_gated(gate: torch.Tensor, bag: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * bag in fp32, rounded once to ``out_dtype`` (differentiable)."""
+    return (F.silu(gate.float()) * bag.float()).to(out_dtype)
 
 
 def embedding_bag(
@@ -202,8 +225,15 @@ def embedding_bag(
     weights: torch.Tensor,
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable weighted embedding bag; see ``embedding_bag_forward``."""
+    """Differentiable weighted embedding bag; see ``embedding_bag_forward``. With ``gate``
+    (N, D), silu(gate) * the bag instead (the memory layer's gated read)."""
+    if gate is not None:
+        bag = EmbeddingBag.apply(
+            values, indices, weights, sparse_grad, REFERENCE_BAG, torch.float32
+        )
+        return silu_gated(gate, bag, out_dtype)
     return EmbeddingBag.apply(values, indices, weights, sparse_grad, REFERENCE_BAG, out_dtype)
 
 
@@ -213,12 +243,16 @@ def embedding_bag_native(
     weights: torch.Tensor,
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same operation through PyTorch's built-in ``F.embedding_bag`` autograd.
 
     Faster on the CPU for fp32 tables (its backward never materialises the (N, B, D) rows); the
     explicit ``embedding_bag`` above is its oracle in the tests.
     """
-    return F.embedding_bag(
+    bag = F.embedding_bag(
         indices, values, mode="sum", per_sample_weights=weights.to(values.dtype), sparse=sparse_grad
-    ).to(out_dtype)
+    )
+    if gate is not None:
+        return silu_gated(gate, bag, out_dtype)
+    return bag.to(out_dtype)

@@ -2,7 +2,8 @@
 
 Forward: one program per (token, block of the value dim) walks the token's bag (all heads'
 rows) in tiles of BLOCK_B rows, so each program has BLOCK_B independent row loads in flight, and
-accumulates in fp32. Any table dtype (fp32, fp16, bf16) and any value dim (masked tails).
+accumulates in fp32. Any table dtype (fp32, fp16, bf16) and any value dim (masked tails). The
+memory layer's gate can be applied there too: silu(gate) * the bag, rounded once.
 
 Backward:
 * weights: grad_w[n, b] = <values[indices[n, b]], grad_out[n]>, one program per (token, tile
@@ -30,12 +31,18 @@ def _bag_forward_kernel(
     indices_ptr,
     weights_ptr,
     out_ptr,
+    gate_ptr,
+    bag_ptr,
     B,
     D,
     stride_v,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GATE: tl.constexpr,
+    KEEP_BAG: tl.constexpr,
 ):
+    """out[n] = the bag of token n, or with GATE silu(gate[n]) * the bag (in fp32, rounded once);
+    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient)."""
     n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
@@ -51,7 +58,27 @@ def _bag_forward_kernel(
             other=0.0,
         ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
         acc += tl.sum(rows * w[:, None], axis=0)
+    if GATE:
+        if KEEP_BAG:
+            tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
+        x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        acc = acc * x * tl.sigmoid(x)
     tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _gate_grads_kernel(grad_ptr, gate_ptr, bag_ptr, d_bag_ptr, d_gate_ptr, numel,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """d_bag = g * silu(x), d_gate = g * bag * silu'(x) of m = silu(x) * bag, in fp32."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    g = tl.load(grad_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(gate_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    bag = tl.load(bag_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(x)
+    tl.store(d_bag_ptr + i, (g * x * sig).to(d_bag_ptr.dtype.element_ty), mask=mask)
+    d_gate = g * bag * sig * (1.0 + x * (1.0 - sig))
+    tl.store(d_gate_ptr + i, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -245,13 +272,31 @@ def embedding_bag_forward(
 ) -> torch.Tensor:
     """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32, stored in ``out_dtype``;
     (N, D)."""
+    return _bag_forward(values, indices, weights, out_dtype)[0]
+
+
+def embedding_bag_forward_gated(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    out_dtype: torch.dtype,
+    keep_bag: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(silu(gate) * bag in ``out_dtype``, the bag in ``out_dtype`` with ``keep_bag`` else None):
+    the bag summed and gated in fp32 by the same kernel, rounded once."""
+    return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag)
+
+
+def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False):
     N, B = indices.shape
     D = values.shape[1]
     out = torch.empty(N, D, dtype=out_dtype, device=values.device)
+    bag = torch.empty_like(out) if gate is not None and keep_bag else None
     if N == 0 or D == 0:
-        return out
-    if B == 0:
-        return out.zero_()
+        return out, bag
+    if B == 0:  # an empty bag sums to zero, gated or not
+        return out.zero_(), None if bag is None else bag.zero_()
     if values.stride(1) != 1:
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
@@ -259,10 +304,27 @@ def embedding_bag_forward(
     block_b = min(block_b, max(16, triton.next_power_of_2(B)))  # tiles at least 16 wide
     grid = (N, triton.cdiv(D, block_d))
     _bag_forward_kernel[grid](
-        values, indices, weights, out, B, D, values.stride(0),
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
+        values, indices, weights, out, out if gate is None else gate,
+        out if bag is None else bag, B, D, values.stride(0),
+        BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, KEEP_BAG=bag is not None,
+        num_warps=4,
     )  # fmt: skip
-    return out
+    return out, bag
+
+
+def gate_grads(
+    grad: torch.Tensor, gate: torch.Tensor, bag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_bag in grad's dtype, d_gate in gate's dtype) of m = silu(gate) * bag, one pass."""
+    grad, gate = grad.contiguous(), gate.contiguous()
+    d_bag = torch.empty_like(grad)
+    d_gate = torch.empty_like(gate)
+    if grad.numel():
+        block = 1024
+        _gate_grads_kernel[(triton.cdiv(grad.numel(), block),)](
+            grad, gate, bag, d_bag, d_gate, grad.numel(), BLOCK=block, num_warps=4
+        )
+    return d_bag, d_gate
 
 
 def embedding_bag_grad_weights(
@@ -441,15 +503,43 @@ TRITON_BAG = reference.BagKernels(
 )
 
 
+class GatedEmbeddingBag(torch.autograd.Function):
+    """silu(gate) * the bag, by one forward kernel; its backward is one pass for the gate's and
+    the bag's gradients (the latter in the output's dtype, so a 16-bit output takes the fused
+    bag backward), then the bag's backward."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, gate, sparse_grad: bool, out_dtype):  # noqa: D102
+        out, bag = embedding_bag_forward_gated(
+            values, indices, weights, gate, out_dtype, keep_bag=any(ctx.needs_input_grad)
+        )
+        ctx.save_for_backward(values, indices, weights, gate, bag)
+        ctx.sparse_grad = sparse_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        values, indices, weights, gate, bag = ctx.saved_tensors
+        d_bag, d_gate = gate_grads(grad_out, gate, bag)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        grad_values, grad_w = reference.bag_grads(
+            TRITON_BAG, d_bag, values, indices, weights, need, ctx.sparse_grad
+        )
+        return grad_values, None, grad_w, d_gate, None, None
+
+
 def embedding_bag(
     values: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable weighted embedding bag, (N, D) in ``out_dtype``; see
-    ``reference.embedding_bag``."""
+    """Differentiable weighted embedding bag, (N, D) in ``out_dtype``, gated by silu(gate) when
+    given; see ``reference.embedding_bag``."""
+    if gate is not None:
+        return GatedEmbeddingBag.apply(values, indices, weights, gate, sparse_grad, out_dtype)
     return reference.EmbeddingBag.apply(
         values, indices, weights, sparse_grad, TRITON_BAG, out_dtype
     )

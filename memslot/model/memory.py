@@ -97,13 +97,15 @@ class ProductKeyMemory(nn.Module):
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
         slots, weights = self.lookup(x, topk)  # (N, H, k)
+        gate = self.gate(x)  # (B, T, Dv)
         if isinstance(values, PatchedValues):
             bag = values.bag(slots.flatten(1), weights.flatten(1)).to(x.dtype)  # (N, Dv)
-        else:  # (N, Dv), summed in fp32 and rounded once to x's dtype by the kernel
-            bag = kernels.embedding_bag(
-                values, slots.flatten(1), weights.flatten(1), sparse_grad, x.dtype
-            )
-        memory = bag.view(B, T, -1)  # (B, T, Dv)
-        y = self.out(F.silu(self.gate(x)) * memory)  # (B, T, D)
+            memory = F.silu(gate) * bag.view(B, T, -1)  # (B, T, Dv)
+        else:  # silu(gate) * bag, summed and gated in fp32 and rounded once by the kernel
+            memory = kernels.embedding_bag(
+                values, slots.flatten(1), weights.flatten(1), sparse_grad, x.dtype,
+                gate.reshape(B * T, -1),
+            ).view(B, T, -1)  # fmt: skip
+        y = self.out(memory)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))
