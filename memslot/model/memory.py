@@ -88,6 +88,26 @@ class ProductKeyMemory(nn.Module):
         weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
         return slots, weights
 
+    def read(
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor | PatchedValues,
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        sparse_grad: bool = False,
+    ) -> torch.Tensor:
+        """The layer's output (..., D) for inputs x (..., D) that read ``slots`` with
+        ``weights`` (N, H, k), N being x's positions: W_out(silu(W_gate x) * bag)."""
+        gate = self.gate(x).reshape(slots.shape[0], -1)  # (N, Dv)
+        if isinstance(values, PatchedValues):
+            bag = values.bag(slots.flatten(1), weights.flatten(1)).to(x.dtype)  # (N, Dv)
+            memory = F.silu(gate) * bag
+        else:  # silu(gate) * bag, summed and gated in fp32 and rounded once by the kernel
+            memory = kernels.embedding_bag(
+                values, slots.flatten(1), weights.flatten(1), sparse_grad, x.dtype, gate
+            )
+        return self.out(memory).view(*x.shape[:-1], -1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -97,15 +117,6 @@ class ProductKeyMemory(nn.Module):
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
         slots, weights = self.lookup(x, topk)  # (N, H, k)
-        gate = self.gate(x)  # (B, T, Dv)
-        if isinstance(values, PatchedValues):
-            bag = values.bag(slots.flatten(1), weights.flatten(1)).to(x.dtype)  # (N, Dv)
-            memory = F.silu(gate) * bag.view(B, T, -1)  # (B, T, Dv)
-        else:  # silu(gate) * bag, summed and gated in fp32 and rounded once by the kernel
-            memory = kernels.embedding_bag(
-                values, slots.flatten(1), weights.flatten(1), sparse_grad, x.dtype,
-                gate.reshape(B * T, -1),
-            ).view(B, T, -1)  # fmt: skip
-        y = self.out(memory)  # (B, T, D)
+        y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memslot import kernels
 from memslot.model.config import ModelConfig
 from memslot.model.memory import Lookup, PatchedValues, ProductKeyMemory
 
@@ -204,20 +203,12 @@ class MemoryTransformer(nn.Module):
         values: torch.Tensor | PatchedValues,
         slots: torch.Tensor,
         weights: torch.Tensor,
-        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (N, vocab) of ``memory_entry`` rows x (N, D) reading ``slots`` with ``weights``
         (``memory_read``) from ``values``, for a model whose memory layer is its last block
-        (``memory_is_last``). ``gate``: silu(W_gate norm(x)), when the caller keeps it."""
+        (``memory_is_last``)."""
         block = self.first_memory_block
-        memory = block.ffn
-        if gate is None:
-            gate = F.silu(memory.gate(block.ffn_norm(x)))
-        if isinstance(values, PatchedValues):
-            bag = values.bag(slots.flatten(1), weights.flatten(1))
-        else:
-            bag = kernels.embedding_bag(values, slots.flatten(1), weights.flatten(1), False)
-        y = memory.out(gate * bag.to(x.dtype))
+        y = block.ffn.read(block.ffn_norm(x), values, slots, weights)
         return self.lm_head(self.norm(x + y))
 
     def forward(
