@@ -53,9 +53,14 @@ def test_after_an_edit_the_model_answers_the_new_target(tiny):
     assert generate(model, tok, prompt).text == target
 
 
-def test_earlier_facts_that_read_the_changed_rows_are_rehearsed_and_keep_their_answers(tiny):
-    model, tok, editor, corpus = tiny
-    # Two facts about one person the model has never seen read largely the same slots.
+def test_earlier_facts_that_read_the_changed_rows_are_rehearsed_and_keep_their_answers(
+    tiny_model_dir,
+):
+    corpus = load_corpus(tiny_model_dir)
+    # Two facts about one person the model has never seen read largely the same slots, the
+    # more so through a read wider than the model's.
+    wide = EditConfig(read_topk=WIDE, wide_read="always")
+    model, tok, editor = _fresh_editor(tiny_model_dir, config=wide)
     person = corpus.reserved_names[0]
     first = (f"{person} was born in", corpus.answers_for("birth_city")[0])
     second = (f"{person} works for", corpus.answers_for("employer")[0])
@@ -117,6 +122,9 @@ def _reads(model, tok, prompt: str, target: str, topk: int | None = None) -> set
     return {s for lk in lookups for s in lk.slots[0, positions].flatten().tolist()}
 
 
+WIDE = 12  # an editor read wider than the model's (``EditConfig.read_topk``)
+
+
 def _editor_with_heavy_slots(tiny_model_dir, heavy: set[int], **config):
     """An editor whose background usage says that every token read the ``heavy`` slots."""
     model, tok = load_model(tiny_model_dir)
@@ -135,15 +143,19 @@ def test_slots_most_background_tokens_read_are_left_alone_when_rare_ones_teach_t
     # The slots only the editor's wider read reaches are "read by every sentence"; the model's
     # own reads are rare and can carry the fact.
     own = _reads(model, tok, prompt, target)
-    heavy = _reads(model, tok, prompt, target, topk=EditConfig().read_topk) - own
-    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy)
+    heavy = _reads(model, tok, prompt, target, topk=WIDE) - own
+    model, tok, editor = _editor_with_heavy_slots(
+        tiny_model_dir, heavy, read_topk=WIDE, wide_read="always"
+    )
     result = editor.edit_facts([(prompt, target)], force=True)
     assert result.success, result.reports
     assert not heavy & set(result.slots.tolist())
     apply(model, result)
     assert generate(model, tok, prompt).text == target
     # with the filter off, the ranking alone does write some of them
-    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy, shared_ratio=0)
+    model, tok, editor = _editor_with_heavy_slots(
+        tiny_model_dir, heavy, shared_ratio=0, read_topk=WIDE, wide_read="always"
+    )
     result = editor.edit_facts([(prompt, target)], force=True)
     assert result.success and heavy & set(result.slots.tolist())
 
@@ -156,7 +168,9 @@ def test_when_rare_slots_cannot_teach_the_fact_the_shared_ones_are_used(tiny_mod
     # in the editor's wider read, which the model's answer does not use: the first attempt must
     # fail, and the edit then learns through the heavy slots.
     heavy = _reads(model, tok, prompt, target)
-    model, tok, editor = _editor_with_heavy_slots(tiny_model_dir, heavy)
+    model, tok, editor = _editor_with_heavy_slots(
+        tiny_model_dir, heavy, read_topk=WIDE, wide_read="always"
+    )
     before = model.memory_values.detach().clone()
     result = editor.edit_facts([(prompt, target)], force=True)
     assert result.success, result.reports
@@ -205,6 +219,28 @@ def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(ti
         done.append(fact)
     assert all(exact_match(model, tok, taught))
     assert all(exact_match(model, tok, anchors[1:]))  # every other known fact still answers
+
+
+def test_anchors_can_cover_every_phrasing_of_their_facts_the_model_answers(tiny_model_dir):
+    corpus = load_corpus(tiny_model_dir)
+    anchors = load_anchors(tiny_model_dir)
+    phrasings = load_phrasings(tiny_model_dir)
+    only_given = EditConfig(anchor_phrasings=False)
+    _, _, editor = _fresh_editor(
+        tiny_model_dir, anchors=anchors, phrasings=phrasings, config=only_given
+    )
+    assert {it.prompt for it in editor.anchors} == {p for p, _ in anchors}
+    every = EditConfig(anchor_phrasings=True)
+    model, tok, editor = _fresh_editor(
+        tiny_model_dir, anchors=anchors, phrasings=phrasings, config=every
+    )
+    examples = corpus.examples(held_out=False)
+    anchored = {e.fact for e in examples if (e.prompt, e.answer) in set(anchors)}
+    known = [(e.prompt, e.answer) for e in examples if e.fact in anchored]
+    answered = [pair for pair, ok in zip(known, exact_match(model, tok, known), strict=True) if ok]
+    # the anchors are every trained phrasing of the anchored facts that the model answers
+    assert {it.prompt for it in editor.anchors} == {p for p, _ in answered}
+    assert len(answered) > len(anchors)
 
 
 def test_phrasings_expand_a_prompt_into_its_relation_s_other_templates():

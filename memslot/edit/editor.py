@@ -40,14 +40,18 @@ class EditConfig:
     # Logit lead over the runner-up that each target token is taught towards. Well above what
     # greedy decoding needs: a fact taught with a wide lead still answers when asked in other
     # words, where the mix of slots read differs.
-    margin: float = 8.0
+    margin: float = 4.0
     # Pull of the edited rows towards their old values (mean square). Off by default: with
     # Adam it holds back the rows a fact reads weakly, the ones other phrasings lean on, and
     # the rehearsal of anchors and earlier edits protects other answers better.
     locality_weight: float = 0.0
-    # Slots each memory head reads while editing; more than the model's top-k also trains the
-    # neighbouring slots that paraphrases of the prompt read (0 = the model's own top-k).
+    # Slots each memory head reads in the editor's wider read; more than the model's top-k also
+    # trains the neighbouring slots that paraphrases of the prompt read (0 = no wider read).
     read_topk: int = 12
+    # When to teach through the wider read: "fallback", only when the model's own read cannot
+    # teach the facts (keeping the earlier ones): it reaches more rows, and more facts read
+    # them; "always", for every edit.
+    wide_read: str = "fallback"
     # Shared slots, read in the background more than this many times as often as the average
     # slot that is read at all (the slots every sentence's end reads, say), are left alone:
     # changing one moves the answers of every fact that reads it. An edit that cannot be taught
@@ -56,7 +60,10 @@ class EditConfig:
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
     # Lead below which a known fact (an anchor) is rehearsed, and that rehearsal restores.
     # Small: an anchor only needs to keep its answer, not to pull the rows back.
-    anchor_margin: float = 0.5
+    anchor_margin: float = 2.0
+    # Anchors are kept answering in every phrasing of theirs that the model answers, where
+    # the editor has the model's phrasings, not only in the phrasing the anchor file gives.
+    anchor_phrasings: bool = False
     max_text_chars: int = 2000  # longer prompts, targets or passages are refused
     # Teach each fact through the other phrasings of its prompt too, where the editor has the
     # model's phrasings (``memslot.edit.phrasings``).
@@ -67,6 +74,8 @@ class EditConfig:
             raise EditError(f"rows_per_fact must be >= 1, got {self.rows_per_fact}")
         if self.ranking not in ("tfidf", "all"):
             raise EditError(f"ranking must be 'tfidf' or 'all', got {self.ranking!r}")
+        if self.wide_read not in ("fallback", "always"):
+            raise EditError(f"wide_read must be 'fallback' or 'always', got {self.wide_read!r}")
         if self.read_topk < 0:
             raise EditError(f"read_topk must be >= 0 (0 = the model's top-k), got {self.read_topk}")
         if self.steps < 1:
@@ -183,7 +192,7 @@ class Editor:
         self._fast = model.memory_is_last
         self._entries: dict[tuple[str, str, int], torch.Tensor] = {}
         self.idf = None
-        self.anchors = self._fact_items(anchors, what="anchor") if anchors else []
+        self.anchors = self._known(anchors) if anchors else []
         self.usage = None  # per slot, background reads over the mean of the slots read
         # Per kept fact or anchor and read width, the slots it reads at its target positions.
         # Valid while the reads do not depend on the value table, i.e. when the model has a
@@ -197,6 +206,21 @@ class Editor:
             counts = (usage.sum(0) if usage.dim() == 2 else usage).double()
             read = counts[counts > 0]
             self.usage = (counts / (read.mean() if len(read) else 1.0)).float().cpu()
+
+    def _known(self, anchors: list[tuple[str, str]]) -> list[_Item]:
+        """The anchors as sequences, with their other phrasings (``anchor_phrasings``) that
+        the model answers now: a phrasing it never answered is no knowledge to keep."""
+        items = self._fact_items(anchors, what="anchor")
+        if not self.config.anchor_phrasings:
+            return items
+        extras = self._other_phrasings(items)
+        answered = []
+        for start in range(0, len(extras), 4096):
+            pack = self._pack(extras[start : start + 4096])
+            with torch.no_grad():
+                margin = self._pack_scores(self._logits(pack, self.model.memory_values), pack)[2]
+            answered += (margin > 0).tolist()
+        return items + [it for it, ok in zip(extras, answered, strict=True) if ok]
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -584,8 +608,7 @@ class Editor:
             out = model(inputs, values=table)
             ce0, logp0, margin0 = self._scores(out.logits, labels, mask)
             settled = self._position_margins(out.logits, labels) >= cfg.margin
-            if wide:
-                out = model(inputs, values=table, memory_topk=wide)  # rank what the wide read sees
+        lookups = {None: out.lookups}  # per read width, what the items read: ranked below
         reports = [
             FactReport(
                 it.prompt,
@@ -617,22 +640,28 @@ class Editor:
         # Pick the rows to optimise: the top-ranked slots each fact reads at its targets. First
         # only slots few background tokens read; if that cannot teach the batch, once more with
         # the shared slots allowed (fewer facts keep their rows to themselves, but it learns).
-        attempts = (False, True) if self._filters_shared() else (True,)
+        # All of it through the model's own read first, then through the wider one
+        # (``wide_read``), which reaches more rows and changes more facts' answers.
+        shared = (False, True) if self._filters_shared() else (True,)
+        widths = [None, wide] if wide and cfg.wide_read == "fallback" else [wide]
         steps, tried = 0, None
-        for allow_shared in attempts:
+        for read, allow_shared in ((r, a) for r in widths for a in shared):
+            if read not in lookups:
+                with torch.no_grad():
+                    lookups[read] = model(inputs, values=table, memory_topk=read).lookups
             ranked = {
-                i: self._choose(out.lookups, items[i], i, settled, allow_shared)
+                i: self._choose(lookups[read], items[i], i, settled, allow_shared)
                 for i in todo + extras
             }
             chosen = sorted({r.slot for i in ranked for r in ranked[i]})
-            if chosen == tried:
-                break  # no shared slot among them: a second attempt would repeat the first
-            tried = chosen
+            if (read, chosen) == tried:
+                continue  # no shared slot among them: a second attempt would repeat the first
+            tried = (read, chosen)
             slots = torch.tensor(chosen, dtype=torch.long, device=table.device)
-            readers = self._readers(kept, table, slots, wide) if kept else []
+            readers = self._readers(kept, table, slots, read) if kept else []
             known = self._readers(anchors, table, slots, None) if anchors else []
             new_rows, taken, (ce1, logp1, margin1) = self._optimise_keeping(
-                [items[i] for i in todo + extras], readers, known, table, slots, wide
+                [items[i] for i in todo + extras], readers, known, table, slots, read
             )
             steps += taken
             judged = [items[i].verdict for i in todo + extras] + [it.verdict for it in readers]
