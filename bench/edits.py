@@ -8,8 +8,12 @@ to a fresh copy of the model, and after the first T of them (for each T asked) w
     reliability     the edit prompt gave the target right after its own edit
     retention       the edit prompt still gives the target after all T edits
     generalization  held-out phrasings of the edited facts give the target after all T edits
-    locality        unrelated known facts (other people) keep their answers after all T edits,
-                    asked through held-out phrasings (only those the model answered before)
+    locality        unrelated known facts (people no edit touches) keep their answers after
+                    all T edits, of those the model answered before: half of them withheld
+                    from the editor's anchors, asked through every trained phrasing
+                    ("locality") and through the held-out ones ("(held-out)"); the other half
+                    anchored, asked through the trained phrasings that are not the anchor
+                    ("anchored")
 
 and the latency of each edit. Methods, side by side on the same model and edit set:
 
@@ -203,8 +207,7 @@ def run(method_cls, model_dir: str, corpus, cases: list[EditCase], locality, ts,
     its first T, and measuring changes nothing. ``locality``: ``Locality``."""
     method = method_cls(model_dir, withheld=locality.withheld, **(overrides or {}))
     model, tok = method.model, method.tok
-    locality_pairs = locality.trained + locality.held_out
-    before_local = exact_match(model, tok, locality_pairs)
+    before_local = exact_match(model, tok, locality.pairs)
     reliable, latencies = [], []
     for case in cases:
         started = time.perf_counter()
@@ -236,12 +239,15 @@ def measure(model, tok, cases, reliable, latencies, locality, before_local) -> d
         for k in ("counterfactual", "new-entity")
         if k in kinds
     }
-    after_local = exact_match(model, tok, locality.trained + locality.held_out)
-    # of the prompts answered before the edits, those still answered, per kind of phrasing
-    split = len(locality.trained)
+    after_local = exact_match(model, tok, locality.pairs)
+    # of the prompts answered before the edits, those still answered, per kind of prompt
     pairs = list(zip(before_local, after_local, strict=True))
-    kept = [b for a, b in pairs[:split] if a]
-    kept_held = [b for a, b in pairs[split:] if a]
+    one, two = len(locality.trained), len(locality.trained) + len(locality.held_out)
+
+    def still(part):
+        kept = [b for a, b in part if a]
+        return statistics.mean(kept) if kept else float("nan")
+
     lat = sorted(latencies)
     return {
         "reliability": statistics.mean(reliable),
@@ -249,8 +255,9 @@ def measure(model, tok, cases, reliable, latencies, locality, before_local) -> d
         "gen_by_kind": " / ".join(
             f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in ("counterfactual", "new-entity")
         ),
-        "locality": statistics.mean(kept) if kept else float("nan"),
-        "locality_held": statistics.mean(kept_held) if kept_held else float("nan"),
+        "locality": still(pairs[:one]),
+        "locality_held": still(pairs[one:two]),
+        "locality_anchored": still(pairs[two:]),
         "retention": statistics.mean(retained),
         "p50_ms": 1000 * lat[len(lat) // 2],
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
@@ -259,23 +266,35 @@ def measure(model, tok, cases, reliable, latencies, locality, before_local) -> d
 
 @dataclass
 class Locality:
-    """Known facts about people no edit touches, asked after the edits. Their prompts are
-    ``withheld`` from the anchors, so the editor never rehearses them by name: locality
-    measures what an edit leaves alone, not what it protects."""
+    """Known facts about people no edit touches, asked after the edits, in two halves.
 
-    trained: list[tuple[str, str]]  # every phrasing the model was trained with
+    The first half is withheld from the anchors, so the editor never rehearses them by name:
+    their locality measures what an edit leaves alone. The second half keeps its anchors (one
+    phrasing per fact) and is asked through its other trained phrasings: what anchoring a
+    fact protects."""
+
+    trained: list[tuple[str, str]]  # withheld facts, every phrasing the model was trained with
     held_out: list[tuple[str, str]]  # the corpus's held-out phrasings of the same facts
-    withheld: frozenset[str]
-    facts: int
+    anchored: list[tuple[str, str]]  # anchored facts, their trained phrasings but the anchor
+    withheld: frozenset[str]  # prompts left out of the anchors
+    facts: tuple[int, int]  # withheld, anchored
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.trained + self.held_out + self.anchored
 
 
-def locality_set(corpus, edited: set[str], n: int) -> Locality:
+def locality_set(corpus, edited: set[str], n: int, anchors) -> Locality:
     facts = [f for f in corpus.facts if f.subject not in edited]
     random.Random(2).shuffle(facts)
     facts = facts[:n]
-    trained = [(p, f.answer) for f in facts for p in prompts_for(f)]
-    held_out = [(p, f.answer) for f in facts for p in prompts_for(f, held_out=True)]
-    return Locality(trained, held_out, frozenset(p for p, _ in trained), len(facts))
+    withheld, anchored = facts[: len(facts) // 2], facts[len(facts) // 2 :]
+    trained = [(p, f.answer) for f in withheld for p in prompts_for(f)]
+    held_out = [(p, f.answer) for f in withheld for p in prompts_for(f, held_out=True)]
+    anchor_prompts = {p for p, _ in anchors}
+    others = [(p, f.answer) for f in anchored for p in prompts_for(f) if p not in anchor_prompts]
+    prompts = frozenset(p for p, _ in trained)
+    return Locality(trained, held_out, others, prompts, (len(withheld), len(anchored)))
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -321,24 +340,25 @@ def main() -> None:
     corpus = load_corpus(args.model)
     cases_all = edit_set(corpus, max(args.t))
     edited = {c.fact.subject for c in cases_all}
-    locality = locality_set(corpus, edited, args.locality_facts)
+    locality = locality_set(corpus, edited, args.locality_facts, load_anchors(args.model))
     print(
         f"# bench/edits.py on {cpu_model()}, {torch.get_num_threads()} threads, model {args.model}"
     )
     print(
         f"# edits: half counterfactuals of known facts, half facts about unseen people; "
-        f"locality over {locality.facts} unrelated known "
-        f"facts ({len(locality.trained)} trained and {len(locality.held_out)} held-out "
-        "phrasings), withheld from the anchors the memslot editor rehearses"
+        f"locality over {locality.facts[0]} unrelated known facts withheld from the anchors "
+        f"the memslot editor rehearses ({len(locality.trained)} trained and "
+        f"{len(locality.held_out)} held-out phrasings) and {locality.facts[1]} anchored ones "
+        f"({len(locality.anchored)} trained phrasings that are not their anchor)"
     )
     if overrides:
         print(f"# EditConfig overrides for the memslot methods: {overrides}")
     header = (
         "| method | T | reliability | generalization | (counterfactual / new) | locality "
-        "| (held-out) | retention | p50 ms | p99 ms |"
+        "| (held-out) | anchored | retention | p50 ms | p99 ms |"
     )
     print(header)
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ts = sorted(set(args.t))
     for name in args.methods:
         settings = overrides if issubclass(METHODS[name], Memslot) else None
@@ -346,7 +366,8 @@ def main() -> None:
             print(
                 f"| {name} | {t} | {r['reliability']:.2f} | {r['generalization']:.2f} | "
                 f"{r['gen_by_kind']} | "
-                f"{r['locality']:.2f} | {r['locality_held']:.2f} | {r['retention']:.2f} | "
+                f"{r['locality']:.2f} | {r['locality_held']:.2f} | "
+                f"{r['locality_anchored']:.2f} | {r['retention']:.2f} | "
                 f"{r['p50_ms']:.0f} | "
                 f"{r['p99_ms']:.0f} |",
                 flush=True,
