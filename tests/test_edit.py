@@ -181,6 +181,28 @@ def test_when_rare_slots_cannot_teach_the_fact_the_shared_ones_are_used(tiny_mod
     assert generate(model, tok, prompt).text == target
 
 
+def test_an_edit_the_model_s_own_read_can_carry_writes_only_rows_the_model_reads(
+    tiny_model_dir,
+):
+    model, tok, editor = _fresh_editor(tiny_model_dir)
+    prompt, target = counterfactual(load_corpus(tiny_model_dir), 3)
+    own = _reads(model, tok, prompt, target)
+    result = editor.edit_facts([(prompt, target)])
+    assert result.success, result.reports
+    # the wider read (12 per head) is only a fallback: every row written is one the served
+    # model reads (4 per head) at the positions that predict the target
+    assert set(result.slots.tolist()) <= own
+    wide = EditConfig(read_topk=WIDE, wide_read="always")
+    _, _, editor = _fresh_editor(tiny_model_dir, config=wide)
+    result = editor.edit_facts([(prompt, target)])
+    assert result.success and set(result.slots.tolist()) - own
+
+
+def test_a_bad_wide_read_setting_is_rejected():
+    with pytest.raises(EditError, match="wide_read must be 'fallback' or 'always'"):
+        EditConfig(wide_read="sometimes").validate()
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
 def test_a_negative_shared_ratio_is_rejected(bad):
     with pytest.raises(EditError, match="shared_ratio"):

@@ -37,9 +37,10 @@ class EditConfig:
     ranking: str = "tfidf"  # "tfidf" (sparse memory fine-tuning) or "all": every slot read
     steps: int = 30  # optimisation budget per round (a round that keeps others may follow)
     lr: float = 0.2  # Adam step, relative to the table's RMS value
-    # Logit lead over the runner-up that each target token is taught towards. Well above what
-    # greedy decoding needs: a fact taught with a wide lead still answers when asked in other
-    # words, where the mix of slots read differs.
+    # Logit lead over the runner-up that each target token is taught towards. Above what greedy
+    # decoding needs, so that the fact still answers when asked in other words, where the mix
+    # of slots read differs; a wider lead (8) moves the rows further and breaks more of the
+    # facts that share them.
     margin: float = 4.0
     # Pull of the edited rows towards their old values (mean square). Off by default: with
     # Adam it holds back the rows a fact reads weakly, the ones other phrasings lean on, and
@@ -58,8 +59,9 @@ class EditConfig:
     # without them is retried with them. 0 turns the filter off.
     shared_ratio: float = 4.0
     keep_margin: float = 2.0  # logit lead that rehearsed earlier facts must keep (see `keep`)
-    # Lead below which a known fact (an anchor) is rehearsed, and that rehearsal restores.
-    # Small: an anchor only needs to keep its answer, not to pull the rows back.
+    # Lead below which a known fact (an anchor) is rehearsed, and that rehearsal restores. An
+    # anchor only needs to keep its answer, but restoring a lead of 2 rather than 0.5 leaves
+    # the rows it shares closer to what they did, and facts no anchor names keep more answers.
     anchor_margin: float = 2.0
     # Anchors are kept answering in every phrasing of theirs that the model answers, where
     # the editor has the model's phrasings, not only in the phrasing the anchor file gives.
@@ -77,7 +79,7 @@ class EditConfig:
         if self.wide_read not in ("fallback", "always"):
             raise EditError(f"wide_read must be 'fallback' or 'always', got {self.wide_read!r}")
         if self.read_topk < 0:
-            raise EditError(f"read_topk must be >= 0 (0 = the model's top-k), got {self.read_topk}")
+            raise EditError(f"read_topk must be >= 0 (0 = no wider read), got {self.read_topk}")
         if self.steps < 1:
             raise EditError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
