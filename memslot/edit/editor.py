@@ -515,6 +515,7 @@ class Editor:
         # stop once the anchors that fell are back and every fact leads by ``keep_margin``, as
         # an earlier edit's fact must (the loss still pushes the new facts up meanwhile).
         target = cfg.margin
+        yielded: set[int] = set()  # anchors that gave way to the new facts: not rehearsed again
         for _ in range(4):
             pack = self._pack(new + [others[j] for j in active])
             need = torch.tensor(
@@ -524,16 +525,25 @@ class Editor:
             rows, taken = self._optimise(table, slots, pack, need, wide, start, n_wide=len(new))
             steps += taken
             scores = self._check(table, slots, rows, check)
+            lead = scores[2][len(new) :]
             if not bool((scores[2][: len(new)].cpu() > 0)[verdict].all()):
                 # An anchor the new facts contradict (another phrasing of the fact they
-                # change, say) gives way: drop the anchors, redo the round.
-                if not any(j >= len(readers) for j in active):
+                # change, say) gives way: drop the rehearsed anchors that did not get back
+                # their lead (all of them if every one did), redo the round.
+                rehearsed = [j for j in active if j >= len(readers)]
+                if not rehearsed:
                     break
-                active = [j for j in active if j < len(readers)]
+                short = {j for j in rehearsed if lead[j] < floor[j]} or set(rehearsed)
+                active = [j for j in active if j not in short]
+                yielded |= short
                 rows = start
+                scores = self._check(table, slots, rows, check)  # of the rows returned
                 continue
-            lead = scores[2][len(new) :]
-            falling = [j for j in range(len(others)) if j not in active and lead[j] < floor[j]]
+            falling = [
+                j
+                for j in range(len(others))
+                if j not in active and j not in yielded and lead[j] < floor[j]
+            ]
             if not falling:
                 break
             active += falling
