@@ -243,6 +243,28 @@ def test_known_facts_keep_their_answers_and_an_anchored_fact_can_be_corrected(ti
     assert all(exact_match(model, tok, anchors[1:]))  # every other known fact still answers
 
 
+def test_a_batch_is_learned_when_anchors_it_contradicts_give_way(tiny_model_dir):
+    # Two counterfactual birthplaces at once: on the tiny model some anchors that read the
+    # same rows cannot keep their lead. They give way for the rest of the edit; they used to
+    # rejoin each round until the rounds ran out and the batch failed.
+    corpus = load_corpus(tiny_model_dir)
+    cities = corpus.answers_for("birth_city")
+    truth = {f.subject: f.answer for f in corpus.facts if f.relation == "birth_city"}
+    facts = [
+        (f"{person} was born in", [c for c in sorted(cities) if c != truth[person]][i])
+        for i, person in enumerate(corpus.people[1:3])
+    ]
+    model, tok, editor = _fresh_editor(
+        tiny_model_dir,
+        anchors=load_anchors(tiny_model_dir),
+        phrasings=load_phrasings(tiny_model_dir),
+    )
+    result = editor.edit_facts(facts)
+    assert result.success, result.reports
+    apply(model, result)
+    assert all(exact_match(model, tok, facts))
+
+
 def test_anchors_can_cover_every_phrasing_of_their_facts_the_model_answers(tiny_model_dir):
     corpus = load_corpus(tiny_model_dir)
     anchors = load_anchors(tiny_model_dir)
