@@ -45,9 +45,11 @@ class DemoRecipe:
     n_heads: int = 2
     ffn_hidden: int = 32  # small on purpose: the facts belong in the memory, not the FFN
     # 65,536 slots read by the last layer, after two attention layers have gathered the
-    # subject and the relation into the query
+    # subject and the relation into the query. Four heads of top-8 (32 reads a token) spread
+    # the facts over 27k of the slots; two heads of top-4 used 6k, so every edit had to
+    # rewrite rows that other facts depend on (docs/BENCHMARKS.md, Edits).
     memory: MemoryConfig = field(
-        default_factory=lambda: MemoryConfig(n_keys=256, heads=2, topk=4, k_dim=32, layers=(2,))
+        default_factory=lambda: MemoryConfig(n_keys=256, heads=4, topk=8, k_dim=32, layers=(2,))
     )
     # The value table learns 1500x faster than the dense weights: facts land in the memory
     # before the dense layers can memorise them (the zeroed-table check in the report). The
