@@ -355,28 +355,6 @@ class Editor:
                 labels[row, p] = it.ids[p + 1]
         return inputs.to(device), labels.to(device), (labels != -100).to(device)
 
-    @staticmethod
-    def _scores(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-        """Per row: mean CE, total log-prob, min margin (target logit - best other logit)."""
-        logits = logits.float()
-        safe = labels.clamp_min(0)
-        logp = F.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        logp = logp * mask
-        n = mask.sum(1).clamp_min(1)
-        ce = -logp.sum(1) / n
-        margin = Editor._position_margins(logits, labels)
-        margin = torch.where(mask, margin, torch.full_like(margin, math.inf))
-        return ce, logp.sum(1), margin.amin(1)
-
-    @staticmethod
-    def _position_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, T) target logit minus the best other logit (-inf off target)."""
-        logits = logits.float()
-        safe = labels.clamp_min(0).unsqueeze(-1)
-        target = logits.gather(-1, safe).squeeze(-1)
-        others = logits.scatter(-1, safe, float("-inf")).amax(-1)
-        return torch.where(labels != -100, target - others, torch.full_like(target, -math.inf))
-
     def _pack(self, items: list[_Item]) -> _Pack:
         device = self.model.memory_values.device
         labels = [it.ids[p + 1] for it in items for p in it.positions]
@@ -414,20 +392,25 @@ class Editor:
         return self.model(pack.inputs, values=values, memory_topk=topk).logits[pack.mask]
 
     @staticmethod
-    def _pack_scores(logits: torch.Tensor, pack: _Pack):
-        """Per sequence: mean CE over its targets, total log-prob, min margin (target logit -
-        best other logit)."""
+    def _scores(logits: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, n: int):
+        """Logits (N, vocab) at target positions that predict ``labels`` (N,), position i in
+        sequence ``owner[i]`` of ``n``. Per sequence: mean CE over its targets, total log-prob,
+        min margin (target logit - best other logit); and each position's margin (N,)."""
         logits = logits.float()
-        labels = pack.labels.unsqueeze(-1)
+        labels = labels.unsqueeze(-1)
         logp = F.log_softmax(logits, dim=-1).gather(-1, labels).squeeze(-1)
         with torch.no_grad():
             others = logits.scatter(-1, labels, float("-inf")).amax(-1)
             margins = logits.gather(-1, labels).squeeze(-1) - others
-            margin = torch.full((pack.n,), math.inf, device=logits.device)
-            margin = margin.scatter_reduce(0, pack.owner, margins, "amin")
-        total = logits.new_zeros(pack.n).index_add(0, pack.owner, logp)
-        count = torch.bincount(pack.owner, minlength=pack.n).clamp_min(1)
-        return -total / count, total, margin
+            margin = torch.full((n,), math.inf, device=logits.device)
+            margin = margin.scatter_reduce(0, owner, margins, "amin")
+        total = logits.new_zeros(n).index_add(0, owner, logp)
+        count = torch.bincount(owner, minlength=n).clamp_min(1)
+        return -total / count, total, margin, margins
+
+    def _pack_scores(self, logits: torch.Tensor, pack: _Pack):
+        """``_scores`` per sequence of the pack: (mean CE, total log-prob, min margin)."""
+        return self._scores(logits, pack.labels, pack.owner, pack.n)[:3]
 
     def _readers(
         self, kept: list[_Item], table: torch.Tensor, slots: torch.Tensor, topk: int | None
@@ -618,8 +601,12 @@ class Editor:
             wide = None
         with torch.no_grad():
             out = model(inputs, values=table)
-            ce0, logp0, margin0 = self._scores(out.logits, labels, mask)
-            settled = self._position_margins(out.logits, labels) >= cfg.margin
+            owner = mask.nonzero()[:, 0]
+            ce0, logp0, margin0, at = self._scores(
+                out.logits[mask], labels[mask], owner, len(items)
+            )
+            settled = torch.zeros_like(mask)  # positions the model predicts with the margin
+            settled[mask] = at >= cfg.margin
         lookups = {None: out.lookups}  # per read width, what the items read: ranked below
         reports = [
             FactReport(
