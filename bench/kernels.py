@@ -99,6 +99,21 @@ TOPK_VARIANTS = (
         for stop in (1, 2, 3)
     ]
 )
+
+
+def topk_variants(n_keys: int) -> list[dict]:
+    """The half kernel's ways of storing candidates in pass two (scan 2: places by the triangle
+    product, stores in place; 3: those with the address and candidate formed in the PTX), the
+    combine kernel whole or split (the sums of half-rank 0 in each half merged as the sorted
+    lists they are, only the rest ranked by a network) at a few tiles, and the stages of the
+    best (``stop``), for ``--topk-sweep``."""
+    base = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
+    return [dict(base, scan=scan, split=False) for scan in (2, 3)] + [
+        dict(base, scan=3, split=True, combine_rows=rows, combine_warps=warps)
+        for rows, warps in ((32, 4), (16, 4), (32, 2))
+    ]
+
+
 FUSED_VARIANTS = [  # keep_grad: L2 eviction hints that keep grad_out there (False: none);
     # presorted: the pairs' indices, weights and tokens gathered into sorted order first
     dict(block_p=p, block_d=d, num_warps=w, keep_grad=k, presorted=s)
@@ -150,7 +165,7 @@ def registers() -> str:
     return f"{getattr(kernel, 'n_regs', '?')} registers, {getattr(kernel, 'n_spills', '?')} spills"
 
 
-def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
+def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     from memslot.kernels import triton_topk
 
     g = torch.Generator(device=dev).manual_seed(n_keys)
@@ -162,6 +177,40 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep) -> None:
     same = (sl.sort(-1).values == wsl.sort(-1).values).float().mean().item()
     print(f"  topk n_keys={n_keys}: score rel err {rel_err(s, ws):.2e}, slots equal {same:.4f}")
     check(rel_err(s, ws) < 1e-2, f"fused top-k scores vs fp32 reference, n_keys {n_keys}")
+    if topk_sweep:
+        want = wsl.sort(-1).values
+        variants = []
+        for v in topk_variants(n_keys):
+            try:
+                got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)[1]
+            except Exception as e:
+                print(f"    top-k variant {v} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            same = (got.sort(-1).values == want).float().mean().item()
+            check(
+                same > 0.9999, f"top-k variant {v}: slots equal the fp32 reference's ({same:.6f})"
+            )
+            variants.append(v)
+        times = tile_sweep(
+            "top-k variant",
+            lambda **kw: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **kw),
+            variants,
+        )
+        for v in variants:  # registers of each (a launch of each, no timing)
+            triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)
+            print(f"    {' '.join(f'{k}={x}' for k, x in v.items())}: {registers()}")
+        best = min(
+            variants, key=lambda v: times.get(" ".join(f"{k}={x}" for k, x in v.items()), 1e9)
+        )
+        for base in (
+            variants[0],
+            best,
+        ):  # the stages: pass one, passes one and two, the half kernel
+            tile_sweep(
+                "top-k stages",
+                lambda **kw: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **kw),
+                [dict(base, stop=stop) for stop in (1, 2, 3)],
+            )
     if sweep:
         want = wsl.sort(-1).values
         for v in TOPK_VARIANTS:
@@ -429,8 +478,9 @@ def gpu_bench(args) -> None:
     row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
 
     for n_keys in args.n_keys:
-        bench_topk(n_keys, N, H, K, half, dev, dt, args.sweep)
-    bench_bag(args.n_keys[0] ** 2, N, B, D, dev, dt, copy_tbs, args.sweep)
+        bench_topk(n_keys, N, H, K, half, dev, dt, args.sweep, args.topk_sweep)
+    if not args.no_bag:
+        bench_bag(args.n_keys[0] ** 2, N, B, D, dev, dt, copy_tbs, args.sweep)
     torch.cuda.empty_cache()
     if args.no_layer:
         return
@@ -604,6 +654,8 @@ def main() -> None:
     p.add_argument("--k-dim", type=int, default=512)
     p.add_argument("--n-keys", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--sweep", action="store_true", help="time tile variants of each kernel too")
+    p.add_argument("--topk-sweep", action="store_true", help="time the top-k's new variants")
+    p.add_argument("--no-bag", action="store_true", help="skip the bag's timings")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the 1M layer")
     args = p.parse_args()

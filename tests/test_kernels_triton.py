@@ -89,12 +89,34 @@ def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
+@pytest.mark.parametrize("topk", [1, 3, 4, 9, 32])
+def test_split_combine_ranks_the_pairs_bit_for_bit_as_the_whole_network(topk):
+    # sums of half-rank 0 and of sub-rank 0 merged as the sorted lists they are, the rest by a
+    # top-k network: the same scores, slots and half-ranks as one network over every pair
+    # (ties too: the halves' top-k are rounded to a coarse grid so that many sums tie)
+    n, heads, n_keys, half = 6 * BIG, 2, 64, 8
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=topk)
+    q1, q2 = (torch.round(t * 2) / 2 for t in (q1, q2))
+    k1, k2 = (torch.round(t * 2) / 2 for t in (k1, k2))
+    whole = triton_topk.product_key_topk_forward(
+        q1, q2, k1, k2, topk, save_for_backward=True, split=False
+    )
+    split = triton_topk.product_key_topk_forward(
+        q1, q2, k1, k2, topk, save_for_backward=True, split=True
+    )
+    for a, b in zip(whole, split, strict=True):
+        assert torch.equal(a, b)
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    torch.testing.assert_close(split[0], want_scores, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scan", [0, 1, 2])
+@pytest.mark.parametrize("scan", [0, 1, 2, 3])
 def test_fused_topk_places_candidates_alike_by_scan_or_triangle_product(scan, dtype):
     # 0: a prefix sum and plain stores; 1: places by a product with the strict triangle; 2: the
-    # same with stores in the registers' layout (inline PTX: on a GPU only)
-    if scan == 2 and not CUDA:
+    # same with stores in the registers' layout (inline PTX: on a GPU only); 3: those with the
+    # address and the candidate formed in the PTX
+    if scan >= 2 and not CUDA:
         pytest.skip("inline PTX stores run on a GPU only")
     n, heads, n_keys, half, topk = 40 * BIG, 2, 200, 16, 8  # several chunks, a masked tail
     q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=scan + 9, dtype=dtype)

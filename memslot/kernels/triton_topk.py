@@ -19,7 +19,9 @@ half's sorted top-k does (16 bytes a pick).
 The combine kernel never forms the k x k sums either: with both halves sorted in descending
 order, the pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
 with (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those
-candidates are gathered from registers and ranked by one more top-k network.
+candidates are gathered from registers; the sums with half-rank 0 on either side are already in
+descending order, so only the other 56 go through a top-k network, and two bitonic merges rank
+the three lists.
 
 ``query_topk`` takes whole queries (N, H, k_dim), the strided output of the layer's
 projection: one pass writes both halves heads-first (2, H, N, k_dim/2), rms-normalised by the
@@ -57,6 +59,24 @@ def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, tor
     pairs = [(a, b) for a in range(topk) for b in range(topk) if (a + 1) * (b + 1) <= topk]
     ranks = torch.tensor(pairs, dtype=torch.int32, device=device)  # (C, 2)
     return ranks[:, 0].contiguous(), ranks[:, 1].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _split_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For the split combine: the pair ids (places in ``_candidate_pairs``) of the pairs (a, 0),
+    a = 1 .. topk - 1, the half-ranks and ids of the pairs with a, b >= 1, and their number."""
+    pairs = [(a, b) for a in range(topk) for b in range(topk) if (a + 1) * (b + 1) <= topk]
+    pid = {p: i for i, p in enumerate(pairs)}
+    col0 = [pid[(a, 0)] for a in range(1, topk)] or [0]
+    rest = [(a, b, pid[(a, b)]) for a, b in pairs if a >= 1 and b >= 1]
+    t = torch.tensor(rest or [(0, 0, 0)], dtype=torch.int32, device=device)  # n_rest may be 0
+    return (
+        torch.tensor(col0, dtype=torch.int32, device=device),
+        t[:, 0].contiguous(),
+        t[:, 1].contiguous(),
+        t[:, 2].contiguous(),
+        len(rest),
+    )
 
 
 @triton.jit
@@ -114,6 +134,24 @@ def _store_in_place(ptr, value, mask):
 
 
 @triton.jit
+def _store_candidate(row_ptr, place, score, col, mask):
+    """Store the ``_raw`` candidate (score, col) at ``row_ptr[place]`` (int64 places) where
+    mask, each thread storing the elements it holds, like ``_store_in_place``; the address and
+    the candidate's two words are formed inside the PTX from the row's pointer, the int32 place,
+    the score's bits and the index, so no 64-bit pointer or value tile is held in registers."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $3, 8, $1; "
+        "@p st.global.v2.b32 [a], {$5, $4}; mov.u32 $0, 0; }",
+        "=r,l,r,r,r,r",
+        [row_ptr.to(tl.int64, bitcast=True), mask.to(tl.int32), place,
+         score.to(tl.int32, bitcast=True), col],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN: tl.constexpr,
                  IEEE: tl.constexpr):  # fmt: skip
     """Scores of BLOCK_N query rows against the sub-keys ``cols``; -inf past n_keys."""
@@ -158,6 +196,42 @@ def _kth_bound(group_max, K: tl.constexpr, KP: tl.constexpr, BISECT: tl.constexp
             hi = tl.where(reach, hi, mid)
         bound = lo
     return bound
+
+
+@triton.jit
+def _keep_chunk(s, cols, bound, count, rows, row_mask, scratch, tri,
+                WIDE: tl.constexpr, SCAN: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Store the chunk's scores s at or above each row's bound as ``_raw`` candidates at the
+    row's next places in scratch (none past WIDE); the rows' new counts (places asked for).
+
+    SCAN 0: places by a prefix sum, plain stores; otherwise by a product with the strict
+    triangle ``tri`` (stays in the dot layout), with plain stores (1), stores in the registers'
+    own layout (2, no conversion to a coalesced one) or those with the address and candidate
+    formed in the PTX (3)."""
+    keep = s >= bound[:, None]
+    if SCAN == 0:
+        place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        tl.store(
+            scratch + rows[:, None] * WIDE + place,
+            _raw(s, cols[None, :]),
+            mask=keep & (place < WIDE) & row_mask[:, None],
+        )
+    else:
+        if IEEE:
+            before = tl.dot(keep.to(tl.float32), tri, input_precision="ieee")
+        else:
+            before = tl.dot(keep.to(tl.bfloat16), tri)
+        place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), WIDE)
+        if SCAN == 1:
+            tl.store(scratch + rows[:, None] * WIDE + place, _raw(s, cols[None, :]),
+                     mask=place < WIDE)  # fmt: skip
+        elif SCAN == 2:
+            _store_in_place(scratch + rows[:, None] * WIDE + place, _raw(s, cols[None, :]),
+                            place < WIDE)  # fmt: skip
+        else:
+            _store_candidate((scratch + rows.to(tl.int64) * WIDE)[:, None], place, s,
+                             cols[None, :], place < WIDE)  # fmt: skip
+    return count + tl.sum(keep.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -256,36 +330,16 @@ def _half_topk_kernel(
         return
 
     scratch = scratch_ptr + ((which * H + h) * N).to(tl.int64) * WIDE  # (2, H, N, WIDE), ``_raw``
-    if SCAN != 0:
-        tri = ccol[:, None] < ccol[None, :]  # tri[c', c] = c' < c: keep @ tri counts kept before c
-        if IEEE:
-            tri = tri.to(tl.float32)
-        else:
-            tri = tri.to(tl.bfloat16)
+    tri = ccol[:, None] < ccol[None, :]  # tri[c', c] = c' < c: keep @ tri counts kept before c
+    if IEEE:
+        tri = tri.to(tl.float32)
+    else:
+        tri = tri.to(tl.bfloat16)
     count = tl.zeros((BLOCK_N,), tl.int32)
     for c0 in range(0, n_keys, BLOCK_C):
         cols = c0 + ccol
         s = _score_chunk(q, keys_ptr, stride_kk, cols, d, n_keys, half, EVEN, IEEE)
-        keep = s >= bound[:, None]
-        if SCAN == 0:
-            place = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-            tl.store(
-                scratch + rows[:, None] * WIDE + place,
-                _raw(s, cols[None, :]),
-                mask=keep & (place < WIDE) & row_mask[:, None],
-            )
-        else:  # places by a matrix product with the strict triangle: stays in the dot layout
-            if IEEE:
-                before = tl.dot(keep.to(tl.float32), tri, input_precision="ieee")
-            else:
-                before = tl.dot(keep.to(tl.bfloat16), tri)
-            place = tl.where(keep & row_mask[:, None], count[:, None] + before.to(tl.int32), WIDE)
-            dst = scratch + rows[:, None] * WIDE + place
-            if SCAN == 1:
-                tl.store(dst, _raw(s, cols[None, :]), mask=place < WIDE)
-            else:  # a store in the registers' own layout (no conversion to a coalesced one)
-                _store_in_place(dst, _raw(s, cols[None, :]), place < WIDE)
-        count += tl.sum(keep.to(tl.int32), axis=1)
+        count = _keep_chunk(s, cols, bound, count, rows, row_mask, scratch, tri, WIDE, SCAN, IEEE)
     if STOP == 2:
         tl.store(half_i_ptr + out_off, tl.broadcast_to(count[:, None], (BLOCK_N, KP)), out_mask)
         return
@@ -367,12 +421,24 @@ def _combine_kernel(
     CP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
+    col0_id_ptr=None,
+    rest_a_ptr=None,
+    rest_b_ptr=None,
+    rest_id_ptr=None,
+    n_rest=0,
+    SPLIT: tl.constexpr = False,
+    RP: tl.constexpr = 16,
 ):
     """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K.
 
     The sums are never all formed: with both halves in descending order, the pair of half-ranks
     (a, b) is dominated by every (a' <= a, b' <= b), so only the n_pairs pairs with
     (a + 1) * (b + 1) <= K can reach the top K (119 of 1,024 for K = 32).
+
+    SPLIT ranks them in three parts: the sums of half-rank a = 0 and those of b = 0 are already
+    in descending order (the halves are), so only the n_rest pairs with a, b >= 1 (56 for
+    K = 32) go through a top-K network; two bitonic merges give the top K of the three. Each
+    candidate keeps its place in the full pair list as its index, so ties rank as without SPLIT.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -388,9 +454,37 @@ def _combine_kernel(
     p_mask = pcol < n_pairs
     pa = tl.broadcast_to(tl.load(pair_a_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_R, CP))
     pb = tl.broadcast_to(tl.load(pair_b_ptr + pcol, mask=p_mask, other=0)[None, :], (BLOCK_R, CP))
-    cand = tl.gather(t1, pa, axis=1) + tl.gather(t2, pb, axis=1)
-    cand = tl.where(p_mask[None, :], cand, _NEG_INF)
-    out_s, pick = _unpack(tl.topk(_pack(cand, pcol[None, :]), KP))  # (BLOCK_R, KP)
+    if SPLIT:
+        # a = 0: t1[0] + t2[b], pair id b; b = 0: t1[a] + t2[0], a >= 1: both descending
+        first = kcol[None, :] == 0
+        t1_0 = tl.max(tl.where(first, t1, _NEG_INF), axis=1)
+        t2_0 = tl.max(tl.where(first, t2, _NEG_INF), axis=1)
+        row0 = _pack(t1_0[:, None] + t2, tl.broadcast_to(kcol[None, :], (BLOCK_R, KP)))
+        below = kcol + 1 < K
+        nxt = tl.broadcast_to(tl.where(below, kcol + 1, 0)[None, :], (BLOCK_R, KP))
+        c0_id = tl.load(col0_id_ptr + kcol, mask=below, other=0)
+        col0 = tl.where(below[None, :], tl.gather(t1, nxt, axis=1) + t2_0[:, None], _NEG_INF)
+        col0 = _pack(col0, tl.broadcast_to(c0_id[None, :], (BLOCK_R, KP)))
+        rcol = tl.arange(0, RP)
+        r_mask = rcol < n_rest
+        ra = tl.broadcast_to(
+            tl.load(rest_a_ptr + rcol, mask=r_mask, other=0)[None, :], (BLOCK_R, RP)
+        )
+        rb = tl.broadcast_to(
+            tl.load(rest_b_ptr + rcol, mask=r_mask, other=0)[None, :], (BLOCK_R, RP)
+        )
+        r_id = tl.load(rest_id_ptr + rcol, mask=r_mask, other=0)
+        rest = tl.where(r_mask[None, :], tl.gather(t1, ra, axis=1) + tl.gather(t2, rb, axis=1),
+                        _NEG_INF)  # fmt: skip
+        rest = tl.topk(_pack(rest, tl.broadcast_to(r_id[None, :], (BLOCK_R, RP))), KP)
+        # the larger half of two descending lists is max(a, reversed b): bitonic, then merged
+        best = tl.bitonic_merge(tl.maximum(row0, tl.flip(col0, 1)), descending=True)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(rest, 1)), descending=True)
+        out_s, pick = _unpack(best)
+    else:
+        cand = tl.gather(t1, pa, axis=1) + tl.gather(t2, pb, axis=1)
+        cand = tl.where(p_mask[None, :], cand, _NEG_INF)
+        out_s, pick = _unpack(tl.topk(_pack(cand, pcol[None, :]), KP))  # (BLOCK_R, KP)
     out_pa = tl.gather(pa, pick, axis=1)
     out_pb = tl.gather(pb, pick, axis=1)
     out_slot = tl.gather(i1, out_pa, axis=1).to(tl.int64) * n_keys + tl.gather(i2, out_pb, axis=1)
@@ -454,16 +548,19 @@ def _next_pow2(x: int, floor: int = 1) -> int:
 
 def _default_tiles(N: int) -> dict:
     """Tiles of the half kernel for N rows (H200 sweeps: best at 1,024 and 4,096 sub-keys)."""
-    # places of the candidates: 2 = triangle product and stores in place (inline PTX, which the
-    # interpreter cannot run: 1, the same with plain stores, there)
+    # places of the candidates: 3 = triangle product and stores in place, address and candidate
+    # formed in the PTX (H200: 1.780 ms against 1.828 for 2 at 4,096 sub-keys; 231 registers
+    # against 242); inline PTX, which the interpreter cannot run: 1, plain stores, there
+    # split: the combine kernel merges the sums of half-rank 0 as sorted lists and ranks only
+    # the rest by a network (H200: top-k 0.657 ms against 0.692 at 1,024 sub-keys)
     # wide: candidate places per row in scratch, for the rare block with a row over the 64 that
     # the common path ranks (128 beat 64, i.e. rescanning the keys, and 256 on the H200)
-    scan = 1 if _INTERPRETED else 2
+    scan = 1 if _INTERPRETED else 3
     if N < 1024:
         tiles = dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
     else:
         tiles = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
-    return dict(tiles, scan=scan, wide=128)
+    return dict(tiles, scan=scan, wide=128, split=True)
 
 
 def product_key_topk_forward(
@@ -485,6 +582,7 @@ def product_key_topk_forward(
     combine_warps: int = 4,
     wide: int | None = None,
     normed_out: torch.Tensor | None = None,
+    split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -544,10 +642,14 @@ def product_key_topk_forward(
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
     pair_a, pair_b = _candidate_pairs(topk, device)
+    split = tiles["split"] if split is None else split
+    col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
     LAUNCHED["combine"] = _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
         half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
         pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
-        SAVE_FOR_BACKWARD=save_for_backward, num_warps=combine_warps,
+        SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id, rest_a_ptr=rest_a,
+        rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest, SPLIT=split,
+        RP=_next_pow2(max(n_rest, kp), 16), num_warps=combine_warps,
     )  # fmt: skip
     if not save_for_backward:
         return scores, slots, None, None
