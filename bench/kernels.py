@@ -458,6 +458,168 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
     )
 
 
+RUNS_KEYS = ("runs", "pairs", "block_d", "num_warps", "stages")
+RUNS_VARIANTS = [  # the backward by runs: runs a program, pairs a step, block_d, warps, and the
+    # stages of the loop over pairs (1: not pipelined)
+    dict(zip(RUNS_KEYS, t, strict=True))
+    for t in [
+        (1, 1, 512, 1, 1),
+        (1, 1, 512, 1, 2),
+        (1, 1, 512, 1, 3),
+        (1, 1, 1024, 2, 3),
+        (2, 1, 512, 2, 1),
+        (2, 1, 512, 2, 3),
+        (4, 1, 256, 2, 1),
+        (4, 1, 256, 2, 3),
+        (4, 1, 512, 4, 3),
+        (8, 1, 128, 2, 3),
+        (4, 2, 256, 4, 3),
+        (8, 2, 128, 4, 3),
+        (16, 2, 64, 4, 3),
+    ]
+]
+
+
+def runs_sweep(args, dev, dt) -> dict | None:
+    """The bag backward's rows of ``bench_bag_backward``: checks, the tile sweep, profiles."""
+    from memslot.kernels import triton_bag
+
+    N, D, B, S = args.tokens, args.dim, args.heads * args.topk, args.n_keys[0] ** 2
+    props = torch.cuda.get_device_properties(dev)
+
+    print(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}", flush=True)  # fmt: skip
+    copy_tbs, copy_ms = copy_rate(dev)
+    row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
+    g = torch.Generator(device=dev).manual_seed(1)
+    values = (torch.randn(S, D, device=dev, generator=g) * 0.02).to(dt)
+    indices = torch.randint(0, S, (N, B), device=dev, generator=g)
+    weights = torch.rand(N, B, device=dev, generator=g)
+    weights = weights / weights.sum(1, keepdim=True)
+    grad16 = torch.randn(N, D, device=dev, generator=g).to(dt)
+    wgw, wslots, wrows = reference.embedding_bag_backward(grad16.float(), values, indices, weights)
+    U = wslots.numel()
+    esz = values.element_size()
+    fused_bytes = 2 * U * D * esz + N * D * grad16.element_size() + N * B * (8 + 4 + 4) + N * B * 16
+    default = triton_bag.RUNS_BACKWARD
+
+    def checked(what, fn):
+        gw, slots, rows = fn()
+        again = fn()
+        same = all(torch.equal(a, b) for a, b in zip((gw, slots, rows), again, strict=True))
+        ew, er = rel_err(gw, wgw), rel_err(rows, wrows)
+        ok = torch.equal(slots, wslots) and ew < 1e-5 and er < 1e-2 and same
+        check(ok, f"{what}: w {ew:.1e}, {dt} rows {er:.1e}, bitwise rerun {same}")
+        return ok
+
+    def as_trained(seg):
+        triton_bag.RUNS_BACKWARD = seg
+        return bench_ms(lambda: triton_bag._grad_both(grad16, values, indices, weights, dt))
+
+    def rate(ms):
+        tbs = fused_bytes / ms / 1e9
+        return f"{tbs:.2f} TB/s", f"{tbs / copy_tbs:.0%} of copy on {fused_bytes / 1e9:.2f} GB"
+
+    # fp32 rows of both kernels against the reference
+    for what, fn in (
+        ("per-slot backward, fp32 rows", triton_bag.embedding_bag_backward_fused),
+        ("backward by runs, fp32 rows", triton_bag.embedding_bag_backward_runs),
+    ):
+        gw, slots, rows = fn(grad16, values, indices, weights, torch.float32)
+        ew, er = rel_err(gw, wgw), rel_err(rows, wrows)
+        check(torch.equal(slots, wslots) and ew < 1e-5 and er < 1e-5, f"{what}: {ew:.1e} {er:.1e}")
+        del gw, slots, rows
+    checked("per-slot backward", lambda: triton_bag.embedding_bag_backward_fused(
+        grad16, values, indices, weights, dt))  # fmt: skip
+    ms_old = as_trained(None)
+    times = {}
+    for v in RUNS_VARIANTS:
+        label = " ".join(f"{k}={x}" for k, x in v.items())
+        try:
+            fn = lambda v=v: triton_bag.embedding_bag_backward_runs(  # noqa: E731
+                grad16, values, indices, weights, dt, **v
+            )
+            if not checked(f"by runs {label}", fn):
+                continue
+            times[label] = bench_ms(fn)
+        except Exception as e:  # a tile that does not compile must not stop the run
+            print(f"    by runs {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        print(f"    by runs {label}: {times[label]:.3f} ms, {rate(times[label])[1]}", flush=True)
+    best = min(times, key=times.get) if times else None
+    print(f"    best by runs: {best}", flush=True)
+    ms_new = as_trained(default)
+    row("bag backward as trained, one program per unique slot (old)", ms_old, *rate(ms_old))
+    row(f"bag backward as trained, by runs {default} (new)", ms_new, *rate(ms_new))
+    if best is not None:
+        row(f"  by runs, best tile: {best}", times[best], *rate(times[best]))
+    sort_ms = bench_ms(lambda: triton_bag._sorted_runs(indices, S))
+    row("  sort + run numbers of the pairs", sort_ms)
+    profile("backward by runs", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt))
+    triton_bag.RUNS_BACKWARD = None
+    profile(
+        "per-slot backward", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt)
+    )
+    triton_bag.RUNS_BACKWARD = default
+    return (
+        None
+        if best is None
+        else next(v for v in RUNS_VARIANTS if " ".join(f"{k}={x}" for k, x in v.items()) == best)
+    )
+
+
+def bench_bag_backward(args) -> None:
+    """The bag backward as the layer trains it (bf16 grad_out, both gradients, sparse bf16
+    rows): one program per unique slot against the kernel by runs' tiles, then the layer's
+    forward+backward at the first n_keys with each (``--bag-backward``)."""
+    from memslot.kernels import triton_bag
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
+    best = runs_sweep(args, dev, dt)
+    torch.cuda.empty_cache()
+    default = triton_bag.RUNS_BACKWARD
+
+    def loss(y):
+        return y.float().square().sum()
+
+    ffn = SwiGLU(D).to(dev, dt)
+    x = torch.randn(1, N, D, device=dev, dtype=dt)
+    xg = x.clone().requires_grad_()
+
+    def ffn_step():
+        xg.grad = None
+        for p in ffn.parameters():
+            p.grad = None
+        loss(ffn(xg)).backward()
+
+    ffn_fb = bench_ms(ffn_step)
+    row("dense SwiGLU FFN forward+backward", ffn_fb)
+    cfg = MemoryConfig(n_keys=args.n_keys[0], heads=H, topk=K, k_dim=KD, layers=(0,))
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
+    table = (torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02).requires_grad_()
+
+    def step():
+        xg.grad = None
+        table.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        loss(layer(xg, table, sparse_grad=True)[0]).backward()
+
+    kernels_cuda.register()
+    settings = [("per-slot backward (old)", None), (f"by runs {default} (new)", default)]
+    if best is not None and best != default:
+        settings.append((f"by runs, best tile {best}", best))
+    for what, seg in settings:
+        triton_bag.RUNS_BACKWARD = seg
+        t = bench_ms(step, 300)
+        row(f"Memory+ layer forward+backward, {cfg.n_slots:,} slots, {what}", t, "",
+            f"{t / ffn_fb:.2f}x FFN")  # fmt: skip
+    triton_bag.RUNS_BACKWARD = default
+    profile("layer forward+backward", step)
+
+
 def gpu_bench(args) -> None:
     cuda = kernels_cuda
 
@@ -658,9 +820,12 @@ def main() -> None:
     p.add_argument("--no-bag", action="store_true", help="skip the bag's timings")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the 1M layer")
+    p.add_argument(
+        "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
+    )
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
-        gpu_bench(args)
+        bench_bag_backward(args) if args.bag_backward else gpu_bench(args)
     else:
         cpu_bench(args)
     print("\n| measurement | time | rate | notes |\n|---|---|---|---|")

@@ -258,6 +258,75 @@ def _bag_grad_fused_kernel(
              eviction_policy=STREAM)  # fmt: skip
 
 
+@triton.jit
+def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, n, BLOCK: tl.constexpr):
+    """offsets[u] = the first sorted pair of run u, offsets[U] = n: each run's start written by
+    its own first pair (no two writes to one place)."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = q < n
+    s = tl.load(sorted_ptr + q, mask=inside, other=-1)
+    s_prev = tl.load(sorted_ptr + q - 1, mask=inside & (q > 0), other=-1)
+    run = tl.load(run_ptr + q, mask=inside, other=0).to(tl.int64)
+    tl.store(offsets_ptr + run, q.to(tl.int32), mask=inside & (s != s_prev))
+    tl.store(offsets_ptr + run + 1, n, mask=q == n - 1)
+
+
+@triton.jit
+def _bag_grad_runs_kernel(
+    values_ptr, grad_out_ptr, weights_ptr, sorted_ptr, order_ptr, offsets_ptr, count_ptr,
+    slots_ptr, grad_w_ptr, out_ptr, n, D, stride_v, stride_g, stride_out,
+    B: tl.constexpr, R: tl.constexpr, J: tl.constexpr, BLOCK_D: tl.constexpr,
+    DENSE: tl.constexpr, STREAM: tl.constexpr, KEEP: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Both gradients from the sorted pairs, one program per (R consecutive runs of equal
+    slots, block of the value dim), the runs' pairs J at a time:
+
+        row u       = sum over u's pairs p of weights[p] * grad_out[p // B]
+        grad_w[p]   = <values[u], grad_out[p // B]>   (this block's part of the dot)
+
+    Each step loads the next J pairs of all R runs and their grad_out rows at once, (R, J,
+    BLOCK_D), and adds their weighted sum over J to each run's row: a fixed order, the same bits
+    on every run. The number of runs U is read on the device (count_ptr): the grid covers an
+    upper bound and programs past U do nothing, so the host need not know U first.
+    """
+    u = tl.program_id(0) * R + tl.arange(0, R)
+    dblk = tl.program_id(1)
+    d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    u_mask = u < tl.load(count_ptr)
+    start = tl.load(offsets_ptr + u, mask=u_mask, other=0)
+    length = tl.load(offsets_ptr + u + 1, mask=u_mask, other=0) - start
+    slot = tl.load(sorted_ptr + start, mask=u_mask, other=0).to(tl.int64)
+    m_rows = u_mask[:, None] & d_mask[None, :]
+    v = tl.load(values_ptr + slot[:, None] * stride_v + d[None, :], mask=m_rows, other=0.0,
+                eviction_policy=STREAM).to(tl.float32)  # fmt: skip
+    acc = tl.zeros((R, BLOCK_D), tl.float32)
+    grad_w = grad_w_ptr + dblk.to(tl.int64) * n
+    for j0 in tl.range(0, tl.max(length, axis=0), J, num_stages=STAGES):
+        j = j0 + tl.arange(0, J)
+        m = u_mask[:, None] & (j[None, :] < length[:, None])  # (R, J)
+        p = start[:, None] + j[None, :]
+        pair = tl.load(order_ptr + p, mask=m, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + p, mask=m, other=0.0).to(tl.float32)  # in sorted order
+        token = pair // B
+        g = tl.load(
+            grad_out_ptr + token[:, :, None] * stride_g + d[None, None, :],
+            mask=m[:, :, None] & d_mask[None, None, :],
+            other=0.0,
+            eviction_policy=KEEP,
+        ).to(tl.float32)  # (R, J, BLOCK_D)
+        acc += tl.sum(w[:, :, None] * g, axis=1)
+        tl.store(grad_w + pair, tl.sum(v[:, None, :] * g, axis=2), mask=m)
+    if DENSE:
+        row = slot
+    else:
+        row = u.to(tl.int64)
+    tl.store(out_ptr + row[:, None] * stride_out + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_rows, eviction_policy=STREAM)  # fmt: skip
+    if dblk == 0:
+        tl.store(slots_ptr + u, slot, mask=u_mask)
+
+
 def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
     """(BLOCK_D, rows per tile) so that one tile holds about ``elem_budget`` elements."""
     block_d = min(max(triton.next_power_of_2(D), 16), 1024)
@@ -472,6 +541,92 @@ def embedding_bag_backward_fused(
     return grad_w, slots, out
 
 
+def _sorted_runs(indices: torch.Tensor, n_slots: int):
+    """(slots of the pairs sorted, stable, pair order, run number of each sorted pair (int32,
+    0-based), number of runs as a 0-d device tensor): no host sync."""
+    flat = indices.reshape(-1)
+    if n_slots < 2**31:
+        flat = flat.to(torch.int32)  # half the bytes to sort
+    sorted_slots, order = torch.sort(flat, stable=True)
+    start = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    start[:1] = 0
+    torch.ne(sorted_slots[1:], sorted_slots[:-1], out=start[1:])
+    run = torch.cumsum(start, 0, dtype=torch.int32)  # 0-based run numbers
+    return sorted_slots, order, run, run[-1] + 1
+
+
+def _count_on_host(count: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a device scalar to the host without waiting: (host tensor, event)."""
+    if count.device.type != "cuda":
+        return count.cpu(), None
+    host = torch.empty((), dtype=count.dtype, pin_memory=True)
+    host.copy_(count, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def embedding_bag_backward_runs(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    dense: bool = False,
+    runs: int = 1,
+    pairs: int = 1,
+    block_d: int = 512,
+    num_warps: int = 1,
+    hints: bool = True,
+    stages: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_w (N, B) fp32, slots, rows): what ``embedding_bag_backward_fused`` returns, with
+    ``runs`` runs of equal slots a program, their pairs ``pairs`` at a time, and no host sync
+    before the kernel: the runs' offsets and number are found on the device, the grid covers
+    min(N * B, S) runs, and the number U is copied to the host while the kernel is queued;
+    sparse rows are written into a buffer of that many rows and returned as its first U."""
+    S, D = values.shape
+    N, B = indices.shape
+    n = N * B
+    device = values.device
+    if n == 0 or D == 0:
+        slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
+        return torch.zeros(N, B, dtype=torch.float32, device=device), slots, rows
+    if n >= 2**31:
+        raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {n}")
+    sorted_slots, order, run, count = _sorted_runs(indices, S)
+    host_count, event = _count_on_host(count)
+    bound = min(n, S)
+    offsets = torch.empty(bound + 1, dtype=torch.int32, device=device)
+    _run_offsets_kernel[(triton.cdiv(n, 1024),)](sorted_slots, run, offsets, n, BLOCK=1024)
+    slots = torch.empty(bound, dtype=torch.int64, device=device)
+    out = (
+        torch.zeros(S, D, dtype=dtype, device=device)
+        if dense
+        else torch.empty(bound, D, dtype=dtype, device=device)
+    )
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    sorted_weights = weights.reshape(-1)[order]
+    block_d = min(max(triton.next_power_of_2(D), 16), block_d)
+    d_blocks = triton.cdiv(D, block_d)
+    parts = torch.empty(d_blocks, N, B, dtype=torch.float32, device=device)
+    _bag_grad_runs_kernel[(triton.cdiv(bound, runs), d_blocks)](
+        values, grad_out, sorted_weights, sorted_slots, order, offsets, count, slots, parts, out,
+        n, D, values.stride(0), grad_out.stride(0), out.stride(0),
+        B=B, R=runs, J=pairs, BLOCK_D=block_d, DENSE=dense,
+        STREAM="evict_first" if hints else "", KEEP="evict_last" if hints else "",
+        STAGES=stages, num_warps=num_warps,
+    )  # fmt: skip
+    grad_w = parts[0] if d_blocks == 1 else parts.sum(0)
+    if event is not None:
+        event.synchronize()
+    U = int(host_count)
+    return grad_w, slots[:U], out if dense else out[:U]
+
+
 def embedding_bag_backward(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -487,11 +642,21 @@ def _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense=F
     return embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense, grad_dtype=low)
 
 
+# the tiles of the backward by runs (``embedding_bag_backward_runs``) that the autograd takes for
+# a 16-bit grad_out; None: the fused backward of one program per unique slot instead
+RUNS_BACKWARD: dict | None = dict(runs=1, pairs=1, block_d=512, num_warps=1, stages=3)
+
+
 def _grad_both(grad_out, values, indices, weights, dtype, dense=False):
-    """The autograd's two gradients: by the fused kernel when grad_out is 16-bit (the bag's
-    output was rounded to it, so reading it in that dtype loses nothing), else by the weight
-    and row kernels, which read an fp32 grad_out whole for the weight gradients."""
+    """The autograd's two gradients: by one fused pass over the sorted pairs when grad_out is
+    16-bit (the bag's output was rounded to it, so reading it in that dtype loses nothing): the
+    kernel by runs (``RUNS_BACKWARD``) or one program per unique slot; else by the weight and
+    row kernels, which read an fp32 grad_out whole for the weight gradients."""
     if grad_out.dtype in (torch.float16, torch.bfloat16):
+        if RUNS_BACKWARD is not None:
+            return embedding_bag_backward_runs(
+                grad_out, values, indices, weights, dtype, dense, **RUNS_BACKWARD
+            )
         return embedding_bag_backward_fused(grad_out, values, indices, weights, dtype, dense)
     grad_w = embedding_bag_grad_weights(grad_out, values, indices)
     slots, rows = _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense)
