@@ -501,7 +501,7 @@ def runs_sweep(args, dev, dt) -> dict | None:
     U = wslots.numel()
     esz = values.element_size()
     fused_bytes = 2 * U * D * esz + N * D * grad16.element_size() + N * B * (8 + 4 + 4) + N * B * 16
-    default = triton_bag.RUNS_BACKWARD
+    default = triton_bag.RUNS_TILES
 
     def checked(what, fn):
         gw, slots, rows = fn()
@@ -560,7 +560,6 @@ def runs_sweep(args, dev, dt) -> dict | None:
     profile(
         "per-slot backward", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt)
     )
-    triton_bag.RUNS_BACKWARD = default
     return (
         None
         if best is None
@@ -576,9 +575,10 @@ def bench_bag_backward(args) -> None:
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
+    kept = triton_bag.RUNS_BACKWARD
     best = runs_sweep(args, dev, dt)
     torch.cuda.empty_cache()
-    default = triton_bag.RUNS_BACKWARD
+    default = triton_bag.RUNS_TILES
 
     def loss(y):
         return y.float().square().sum()
@@ -617,7 +617,8 @@ def bench_bag_backward(args) -> None:
         row(f"Memory+ layer forward+backward, {cfg.n_slots:,} slots, {what}", t, "",
             f"{t / ffn_fb:.2f}x FFN")  # fmt: skip
     triton_bag.RUNS_BACKWARD = default
-    profile("layer forward+backward", step)
+    profile("layer forward+backward, by runs", step)
+    triton_bag.RUNS_BACKWARD = kept
 
 
 def gpu_bench(args) -> None:
