@@ -60,6 +60,20 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def forward_backward(module, xg, *tensors, **kwargs):
+    """A step for the timer: one forward+backward of ``module`` from ``xg`` (and ``tensors``,
+    such as the layer's table), their and the module's gradients cleared first. The loss is the
+    same after the FFN and the layer: the output (the first, for the layer) squared, summed."""
+
+    def step():
+        for t in (xg, *tensors, *module.parameters()):
+            t.grad = None
+        y = module(xg, *tensors, **kwargs)
+        (y[0] if isinstance(y, tuple) else y).float().square().sum().backward()
+
+    return step
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 
 
@@ -580,32 +594,16 @@ def bench_bag_backward(args) -> None:
     torch.cuda.empty_cache()
     default = triton_bag.RUNS_TILES
 
-    def loss(y):
-        return y.float().square().sum()
-
     ffn = SwiGLU(D).to(dev, dt)
     x = torch.randn(1, N, D, device=dev, dtype=dt)
     xg = x.clone().requires_grad_()
-
-    def ffn_step():
-        xg.grad = None
-        for p in ffn.parameters():
-            p.grad = None
-        loss(ffn(xg)).backward()
-
-    ffn_fb = bench_ms(ffn_step)
+    ffn_fb = bench_ms(forward_backward(ffn, xg))
     row("dense SwiGLU FFN forward+backward", ffn_fb)
     cfg = MemoryConfig(n_keys=args.n_keys[0], heads=H, topk=K, k_dim=KD, layers=(0,))
     torch.manual_seed(0)
     layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
     table = (torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02).requires_grad_()
-
-    def step():
-        xg.grad = None
-        table.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        loss(layer(xg, table, sparse_grad=True)[0]).backward()
+    step = forward_backward(layer, xg, table, sparse_grad=True)
 
     kernels_cuda.register()
     settings = [("per-slot backward (old)", None), (f"by runs {default} (new)", default)]
@@ -648,22 +646,12 @@ def gpu_bench(args) -> None:
     if args.no_layer:
         return
 
-    def loss(y):  # the same loss after the FFN and the layer
-        return y.float().square().sum()
-
     ffn = SwiGLU(D).to(dev, dt)
     x = torch.randn(1, N, D, device=dev, dtype=dt)
     with torch.no_grad():
         ffn_fwd = bench_ms(lambda: ffn(x))
     xg = x.clone().requires_grad_()
-
-    def ffn_step():
-        xg.grad = None
-        for p in ffn.parameters():
-            p.grad = None
-        loss(ffn(xg)).backward()
-
-    ffn_fb = bench_ms(ffn_step)
+    ffn_fb = bench_ms(forward_backward(ffn, xg))
     row(f"dense SwiGLU FFN forward, d {D}, hidden {4 * D}", ffn_fwd)
     row("dense SwiGLU FFN forward+backward", ffn_fb)
 
@@ -678,12 +666,7 @@ def gpu_bench(args) -> None:
             with torch.no_grad():
                 return layer(x, table)[0]
 
-        def step(layer=layer, table=table):
-            xg.grad = None
-            table.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            loss(layer(xg, table, sparse_grad=True)[0]).backward()
+        step = forward_backward(layer, xg, table, sparse_grad=True)
 
         times, outputs = {}, {}
         for path in ("triton", "reference"):
