@@ -422,14 +422,19 @@ def embedding_bag_grad_weights(
     return grad_w
 
 
+def _sort_pairs(indices: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the pairs' slots sorted, the pair order: grouped by slot, then by bag position)."""
+    flat = indices.reshape(-1)
+    if n_slots < 2**31:
+        flat = flat.to(torch.int32)  # half the bytes to sort
+    return torch.sort(flat, stable=True)
+
+
 def _sorted_segments(
     indices: torch.Tensor, n_slots: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(unique slots sorted, pair order grouped by slot then bag position, segment offsets)."""
-    flat = indices.reshape(-1)
-    if n_slots < 2**31:
-        flat = flat.to(torch.int32)  # half the bytes to sort
-    sorted_slots, order = torch.sort(flat, stable=True)
+    sorted_slots, order = _sort_pairs(indices, n_slots)
     slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
     offsets = torch.zeros(slots.numel() + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=offsets[1:])
@@ -547,11 +552,8 @@ def embedding_bag_backward_fused(
 def _sorted_runs(indices: torch.Tensor, n_slots: int):
     """(slots of the pairs sorted, stable, pair order, run number of each sorted pair (int32,
     0-based), number of runs as a 0-d device tensor): no host sync."""
-    flat = indices.reshape(-1)
-    if n_slots < 2**31:
-        flat = flat.to(torch.int32)  # half the bytes to sort
-    sorted_slots, order = torch.sort(flat, stable=True)
-    start = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    sorted_slots, order = _sort_pairs(indices, n_slots)
+    start = torch.empty(sorted_slots.numel(), dtype=torch.int32, device=indices.device)
     start[:1] = 0
     torch.ne(sorted_slots[1:], sorted_slots[:-1], out=start[1:])
     run = torch.cumsum(start, 0, dtype=torch.int32)  # 0-based run numbers
