@@ -472,29 +472,22 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
     )
 
 
-RUNS_KEYS = ("runs", "pairs", "block_d", "num_warps", "stages")
-RUNS_VARIANTS = [  # the backward by runs: runs a program, pairs a step, block_d, warps, and the
-    # stages of the loop over pairs (1: not pipelined)
-    dict(zip(RUNS_KEYS, t, strict=True))
+WALK_KEYS = ("block_d", "num_warps", "waves", "stages")
+WALK_VARIANTS = [  # the walk over sorted pairs: block_d, warps, programs a multiprocessor as a
+    # multiple of those that stay resident (waves), stages of Triton's pipeliner on the pair loop
+    dict(zip(WALK_KEYS, t, strict=True))
     for t in [
-        (1, 1, 512, 1, 1),
-        (1, 1, 512, 1, 2),
-        (1, 1, 512, 1, 3),
-        (1, 1, 1024, 2, 3),
-        (2, 1, 512, 2, 1),
-        (2, 1, 512, 2, 3),
-        (4, 1, 256, 2, 1),
-        (4, 1, 256, 2, 3),
-        (4, 1, 512, 4, 3),
-        (8, 1, 128, 2, 3),
-        (4, 2, 256, 4, 3),
-        (8, 2, 128, 4, 3),
-        (16, 2, 64, 4, 3),
+        (512, 1, 2, 1),
+        (512, 1, 1, 1),
+        (512, 1, 4, 1),
+        (512, 1, 2, 3),
+        (256, 1, 4, 1),
+        (1024, 2, 2, 1),
     ]
 ]
 
 
-def runs_sweep(args, dev, dt) -> dict | None:
+def walk_sweep(args, dev, dt) -> dict | None:
     """The bag backward's rows of ``bench_bag_backward``: checks, the tile sweep, profiles."""
     from memslot.kernels import triton_bag
 
@@ -515,7 +508,7 @@ def runs_sweep(args, dev, dt) -> dict | None:
     U = wslots.numel()
     esz = values.element_size()
     fused_bytes = 2 * U * D * esz + N * D * grad16.element_size() + N * B * (8 + 4 + 4) + N * B * 16
-    default = triton_bag.RUNS_TILES
+    default = triton_bag.WALK_TILES
 
     def checked(what, fn):
         gw, slots, rows = fn()
@@ -527,7 +520,7 @@ def runs_sweep(args, dev, dt) -> dict | None:
         return ok
 
     def as_trained(seg):
-        triton_bag.RUNS_BACKWARD = seg
+        triton_bag.WALK_BACKWARD = seg
         return bench_ms(lambda: triton_bag._grad_both(grad16, values, indices, weights, dt))
 
     def rate(ms):
@@ -537,7 +530,7 @@ def runs_sweep(args, dev, dt) -> dict | None:
     # fp32 rows of both kernels against the reference
     for what, fn in (
         ("per-slot backward, fp32 rows", triton_bag.embedding_bag_backward_fused),
-        ("backward by runs, fp32 rows", triton_bag.embedding_bag_backward_runs),
+        ("walk backward, fp32 rows", triton_bag.embedding_bag_backward_walk),
     ):
         gw, slots, rows = fn(grad16, values, indices, weights, torch.float32)
         ew, er = rel_err(gw, wgw), rel_err(rows, wrows)
@@ -547,52 +540,53 @@ def runs_sweep(args, dev, dt) -> dict | None:
         grad16, values, indices, weights, dt))  # fmt: skip
     ms_old = as_trained(None)
     times = {}
-    for v in RUNS_VARIANTS:
+    for v in WALK_VARIANTS + [dict(default, hints=False)]:
         label = " ".join(f"{k}={x}" for k, x in v.items())
         try:
-            fn = lambda v=v: triton_bag.embedding_bag_backward_runs(  # noqa: E731
+            fn = lambda v=v: triton_bag.embedding_bag_backward_walk(  # noqa: E731
                 grad16, values, indices, weights, dt, **v
             )
-            if not checked(f"by runs {label}", fn):
+            if not checked(f"walk {label}", fn):
                 continue
             times[label] = bench_ms(fn)
         except Exception as e:  # a tile that does not compile must not stop the run
-            print(f"    by runs {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"    walk {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        print(f"    by runs {label}: {times[label]:.3f} ms, {rate(times[label])[1]}", flush=True)
+        print(f"    walk {label}: {times[label]:.3f} ms, {rate(times[label])[1]}", flush=True)
     best = min(times, key=times.get) if times else None
-    print(f"    best by runs: {best}", flush=True)
+    print(f"    best walk: {best}", flush=True)
     ms_new = as_trained(default)
     row("bag backward as trained, one program per unique slot (old)", ms_old, *rate(ms_old))
-    row(f"bag backward as trained, by runs {default} (new)", ms_new, *rate(ms_new))
+    row(f"bag backward as trained, walk {default} (new)", ms_new, *rate(ms_new))
     if best is not None:
-        row(f"  by runs, best tile: {best}", times[best], *rate(times[best]))
+        row(f"  walk, best tile: {best}", times[best], *rate(times[best]))
     sort_ms = bench_ms(lambda: triton_bag._sorted_runs(indices, S))
     row("  sort + run numbers of the pairs", sort_ms)
-    profile("backward by runs", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt))
-    triton_bag.RUNS_BACKWARD = None
+    profile("walk backward", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt))
+    triton_bag.WALK_BACKWARD = None
     profile(
         "per-slot backward", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt)
     )
+    variants = WALK_VARIANTS + [dict(default, hints=False)]
     return (
         None
         if best is None
-        else next(v for v in RUNS_VARIANTS if " ".join(f"{k}={x}" for k, x in v.items()) == best)
+        else next(v for v in variants if " ".join(f"{k}={x}" for k, x in v.items()) == best)
     )
 
 
 def bench_bag_backward(args) -> None:
     """The bag backward as the layer trains it (bf16 grad_out, both gradients, sparse bf16
-    rows): one program per unique slot against the kernel by runs' tiles, then the layer's
+    rows): one program per unique slot against the walk's tiles, then the layer's
     forward+backward at the first n_keys with each (``--bag-backward``)."""
     from memslot.kernels import triton_bag
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
-    kept = triton_bag.RUNS_BACKWARD
-    best = runs_sweep(args, dev, dt)
+    kept = triton_bag.WALK_BACKWARD
+    best = walk_sweep(args, dev, dt)
     torch.cuda.empty_cache()
-    default = triton_bag.RUNS_TILES
+    default = triton_bag.WALK_TILES
 
     ffn = SwiGLU(D).to(dev, dt)
     x = torch.randn(1, N, D, device=dev, dtype=dt)
@@ -606,17 +600,17 @@ def bench_bag_backward(args) -> None:
     step = forward_backward(layer, xg, table, sparse_grad=True)
 
     kernels_cuda.register()
-    settings = [("per-slot backward (old)", None), (f"by runs {default} (new)", default)]
+    settings = [("per-slot backward (old)", None), (f"walk {default} (new)", default)]
     if best is not None and best != default:
-        settings.append((f"by runs, best tile {best}", best))
+        settings.append((f"walk, best tile {best}", best))
     for what, seg in settings:
-        triton_bag.RUNS_BACKWARD = seg
+        triton_bag.WALK_BACKWARD = seg
         t = bench_ms(step, 300)
         row(f"Memory+ layer forward+backward, {cfg.n_slots:,} slots, {what}", t, "",
             f"{t / ffn_fb:.2f}x FFN")  # fmt: skip
-    triton_bag.RUNS_BACKWARD = default
-    profile("layer forward+backward, by runs", step)
-    triton_bag.RUNS_BACKWARD = kept
+    triton_bag.WALK_BACKWARD = default
+    profile("layer forward+backward, walk", step)
+    triton_bag.WALK_BACKWARD = kept
 
 
 def gpu_bench(args) -> None:

@@ -523,31 +523,32 @@ def test_demo_model_and_editor_answer_the_same_on_cuda_as_on_the_cpu(tiny_model_
     assert cpu[2].slots.tolist() == gpu[2].slots.cpu().tolist()
 
 
-# the backward by runs' tiles: (runs a program, pairs a step, block_d, num_warps, stages);
-# under the interpreter several runs and pairs a step, so that runs end inside a step
-RUNS_TILES = (
-    [(2, 2, 16, 1, 1), (4, 1, 32, 2, 1), (1, 4, 64, 1, 2)]
+# the walk's tiles: (block_d, num_warps, programs (None: from the registers), stages); under
+# the interpreter a few programs, so that stretches of runs end between programs and runs end
+# inside a block of D
+WALK_TILES = (
+    [(16, 1, 3, 1), (32, 2, 1, 1), (64, 1, 7, 1)]
     if not CUDA
-    else [(1, 1, 512, 1, 3), (1, 1, 512, 1, 1), (4, 2, 256, 4, 3), (8, 1, 128, 2, 3)]
+    else [(512, 1, None, 1), (256, 1, None, 1), (512, 1, None, 3), (1024, 4, 5, 1)]
 )
 
 
-def runs_backward(grad_out, values, indices, weights, tiles, dtype=torch.float32, dense=False):
-    runs, pairs, block_d, warps, stages = tiles
-    return triton_bag.embedding_bag_backward_runs(
-        grad_out, values, indices, weights, dtype, dense, runs, pairs, block_d, warps,
-        stages=stages,
+def walk_backward(grad_out, values, indices, weights, tiles, dtype=torch.float32, dense=False):
+    block_d, warps, programs, stages = tiles
+    return triton_bag.embedding_bag_backward_walk(
+        grad_out, values, indices, weights, dtype, dense, block_d, warps, stages=stages,
+        programs=programs,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("dense", [False, True])
-@pytest.mark.parametrize("tiles", RUNS_TILES)
+@pytest.mark.parametrize("tiles", WALK_TILES)
 @pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
-def test_backward_by_runs_gives_both_gradients_of_the_reference(n, bag, n_slots, dim, tiles, dense):
+def test_backward_walk_gives_both_gradients_of_the_reference(n, bag, n_slots, dim, tiles, dense):
     # value dims 1, 65, 4,096 and 33 with k = 1; slot 7 three times in the first bag
     values, indices, weights, grad_out = bag_inputs(n, bag, n_slots, dim, torch.bfloat16, dim + 3)
     grad_out = grad_out.to(torch.bfloat16)
-    grad_w, slots, rows = runs_backward(grad_out, values, indices, weights, tiles, dense=dense)
+    grad_w, slots, rows = walk_backward(grad_out, values, indices, weights, tiles, dense=dense)
     want_w, want_slots, want_rows = reference.embedding_bag_backward(
         grad_out.double(), values.double(), indices, weights.double()
     )
@@ -563,10 +564,10 @@ def test_backward_by_runs_gives_both_gradients_of_the_reference(n, bag, n_slots,
     assert rel_err(rows, want_rows) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("tiles", RUNS_TILES)
-def test_backward_by_runs_sums_long_runs_in_a_fixed_order(tiles):
-    # 5 slots read ~100 times each (runs of many steps, next to a slot read once at the end);
-    # bit for bit the same on a rerun
+@pytest.mark.parametrize("tiles", WALK_TILES)
+def test_backward_walk_sums_long_runs_in_a_fixed_order(tiles):
+    # 5 slots read ~100 times each (runs longer than a program's stretch, next to a slot read
+    # once at the end); bit for bit the same on a rerun
     values, indices, weights, grad_out = bag_inputs(30 * BIG, 16, 6, 33, torch.float32, seed=7)
     indices[indices == 5] = 4
     indices[-1, -1] = 5
@@ -574,7 +575,7 @@ def test_backward_by_runs_sums_long_runs_in_a_fixed_order(tiles):
     want_w, want_slots, want_rows = reference.embedding_bag_backward(
         grad_out.double(), values.double(), indices, weights.double()
     )
-    runs = [runs_backward(grad_out, values, indices, weights, tiles) for _ in range(2)]
+    runs = [walk_backward(grad_out, values, indices, weights, tiles) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     grad_w, slots, rows = runs[0]
@@ -584,7 +585,7 @@ def test_backward_by_runs_sums_long_runs_in_a_fixed_order(tiles):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_by_runs_rows_in_the_table_dtype_are_within_tolerance(dtype):
+def test_backward_walk_rows_in_the_table_dtype_are_within_tolerance(dtype):
     # one bag of a single slot (a run of 8), the other runs short
     n, bag = 12 * BIG, 8
     values, indices, weights, grad_out = bag_inputs(n, bag, 20, 65, dtype, seed=9)
@@ -593,31 +594,31 @@ def test_backward_by_runs_rows_in_the_table_dtype_are_within_tolerance(dtype):
     _, want_slots, want_rows = reference.embedding_bag_backward(
         grad_out.double(), values.double(), indices, weights.double()
     )
-    for tiles in RUNS_TILES:
-        _, slots, rows = runs_backward(grad_out, values, indices, weights, tiles, dtype)
+    for tiles in WALK_TILES:
+        _, slots, rows = walk_backward(grad_out, values, indices, weights, tiles, dtype)
         assert torch.equal(slots, want_slots) and rows.dtype == dtype
         assert rel_err(rows, want_rows) < TOLERANCE[dtype]
 
 
-def test_backward_by_runs_on_an_empty_batch():
+def test_backward_walk_on_an_empty_batch():
     values, indices, weights, grad_out = bag_inputs(0, 3, 8, 4, torch.bfloat16, seed=0)
     grad16 = grad_out.to(torch.bfloat16)
-    grad_w, slots, rows = runs_backward(grad16, values, indices, weights, RUNS_TILES[0])
+    grad_w, slots, rows = walk_backward(grad16, values, indices, weights, WALK_TILES[0])
     assert grad_w.shape == (0, 3) and slots.numel() == 0 and rows.shape == (0, 4)
-    _, _, dense = runs_backward(grad16, values, indices, weights, RUNS_TILES[0], dense=True)
+    _, _, dense = walk_backward(grad16, values, indices, weights, WALK_TILES[0], dense=True)
     assert torch.equal(dense, torch.zeros(8, 4, device=DEVICE))
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_autograd_takes_the_backward_by_runs_or_per_slot_alike(sparse, monkeypatch):
+def test_autograd_takes_the_walk_or_per_slot_backward_alike(sparse, monkeypatch):
     # the layer's call (bf16 output, so a bf16 grad_out): both fused backwards against the
     # reference, and each bit for bit the same on a rerun
     values, indices, weights, grad_out = bag_inputs(10 * BIG, 6, 50, 24, torch.bfloat16, 15)
-    keys = ("runs", "pairs", "block_d", "num_warps", "stages")
-    tiles = dict(zip(keys, RUNS_TILES[0], strict=True))
+    keys = ("block_d", "num_warps", "programs", "stages")
+    tiles = dict(zip(keys, WALK_TILES[0], strict=True))
     results = {}
-    for name, setting in (("reference", None), ("per slot", None), ("by runs", tiles)):
-        monkeypatch.setattr(triton_bag, "RUNS_BACKWARD", setting)
+    for name, setting in (("reference", None), ("per slot", None), ("walk", tiles)):
+        monkeypatch.setattr(triton_bag, "WALK_BACKWARD", setting)
         fn = reference.embedding_bag if name == "reference" else triton_bag.embedding_bag
         grads = []
         for _ in range(2):
@@ -626,6 +627,6 @@ def test_autograd_takes_the_backward_by_runs_or_per_slot_alike(sparse, monkeypat
             grads.append((v.grad.to_dense(), w.grad))
         assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
         results[name] = grads[0]
-    for name in ("per slot", "by runs"):
+    for name in ("per slot", "walk"):
         assert rel_err(results[name][0], results["reference"][0]) < TOLERANCE[torch.bfloat16]
         assert rel_err(results[name][1], results["reference"][1]) < TOLERANCE[torch.float32]

@@ -15,8 +15,9 @@ Backward:
   from grad_out rounded once to the table's dtype (half the gathered bytes; the rows are rounded
   to that dtype anyway).
 * both at once from a 16-bit grad_out (the layer's training step): one program per unique slot
-  (``embedding_bag_backward_fused``, the autograd's), or several runs of equal slots a program
-  with no host sync before the kernel (``embedding_bag_backward_runs``, measured no faster).
+  (``embedding_bag_backward_fused``), or a fixed grid of programs each walking the sorted pairs
+  of a stretch of runs of equal slots, with no host sync before the kernel
+  (``embedding_bag_backward_walk``).
 """
 
 from __future__ import annotations
@@ -262,72 +263,81 @@ def _bag_grad_fused_kernel(
 
 
 @triton.jit
-def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, n, BLOCK: tl.constexpr):
+def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, slots_ptr, n, BLOCK: tl.constexpr,
+                        SLOTS: tl.constexpr = False):  # fmt: skip
     """offsets[u] = the first sorted pair of run u, offsets[U] = n: each run's start written by
-    its own first pair (no two writes to one place)."""
+    its own first pair (no two writes to one place); with SLOTS, slots[u] = run u's slot."""
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = q < n
     s = tl.load(sorted_ptr + q, mask=inside, other=-1)
     s_prev = tl.load(sorted_ptr + q - 1, mask=inside & (q > 0), other=-1)
     run = tl.load(run_ptr + q, mask=inside, other=0).to(tl.int64)
-    tl.store(offsets_ptr + run, q.to(tl.int32), mask=inside & (s != s_prev))
+    first = inside & (s != s_prev)
+    tl.store(offsets_ptr + run, q.to(tl.int32), mask=first)
+    if SLOTS:
+        tl.store(slots_ptr + run, s.to(tl.int64), mask=first)
     tl.store(offsets_ptr + run + 1, n, mask=q == n - 1)
 
 
 @triton.jit
-def _bag_grad_runs_kernel(
-    values_ptr, grad_out_ptr, weights_ptr, sorted_ptr, order_ptr, offsets_ptr, count_ptr,
-    slots_ptr, grad_w_ptr, out_ptr, n, D, stride_v, stride_g, stride_out,
-    B: tl.constexpr, R: tl.constexpr, J: tl.constexpr, BLOCK_D: tl.constexpr,
-    DENSE: tl.constexpr, STREAM: tl.constexpr, KEEP: tl.constexpr, STAGES: tl.constexpr,
+def _bag_grad_walk_kernel(
+    values_ptr, grad_out_ptr, weights_ptr, pairs_ptr, sorted_ptr, offsets_ptr, count_ptr,
+    grad_w_ptr, out_ptr, n, D, stride_v, stride_g, stride_out,
+    B: tl.constexpr, BLOCK_D: tl.constexpr, DENSE: tl.constexpr, STREAM: tl.constexpr,
+    KEEP: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Both gradients from the sorted pairs, one program per (R consecutive runs of equal
-    slots, block of the value dim), the runs' pairs J at a time:
+    """Both gradients from the sorted pairs, each program walking the pairs of its own stretch
+    of consecutive runs of equal slots (a block of the value dim of them), one pair a step:
 
         row u       = sum over u's pairs p of weights[p] * grad_out[p // B]
         grad_w[p]   = <values[u], grad_out[p // B]>   (this block's part of the dot)
 
-    Each step loads the next J pairs of all R runs and their grad_out rows at once, (R, J,
-    BLOCK_D), and adds their weighted sum over J to each run's row: a fixed order, the same bits
-    on every run. The number of runs U is read on the device (count_ptr): the grid covers an
-    upper bound and programs past U do nothing, so the host need not know U first.
+    The grid is a fixed number of programs; the number of runs U is read on the device and
+    program t takes runs [t * ceil(U / G), ...), so no host sync comes before the kernel and no
+    program waits on a run's offsets before its first load: the pairs' slots, indices and
+    weights are read in sorted order (contiguous), and a slot's value row is loaded at its
+    run's first pair; a run's row is written at its last pair. STAGES > 1 hands the loop to
+    Triton's pipeliner (H200: no faster). Pairs are summed in sorted order: the same bits on
+    every run.
     """
-    u = tl.program_id(0) * R + tl.arange(0, R)
+    t = tl.program_id(0)
+    G = tl.num_programs(0)
     dblk = tl.program_id(1)
     d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    u_mask = u < tl.load(count_ptr)
-    start = tl.load(offsets_ptr + u, mask=u_mask, other=0)
-    length = tl.load(offsets_ptr + u + 1, mask=u_mask, other=0) - start
-    slot = tl.load(sorted_ptr + start, mask=u_mask, other=0).to(tl.int64)
-    m_rows = u_mask[:, None] & d_mask[None, :]
-    v = tl.load(values_ptr + slot[:, None] * stride_v + d[None, :], mask=m_rows, other=0.0,
-                eviction_policy=STREAM).to(tl.float32)  # fmt: skip
-    acc = tl.zeros((R, BLOCK_D), tl.float32)
+    U = tl.load(count_ptr)
+    per = (U + G - 1) // G
+    u0 = tl.minimum(t * per, U)
+    u1 = tl.minimum(u0 + per, U)
+    p0 = tl.load(offsets_ptr + u0)
+    p1 = tl.load(offsets_ptr + u1)
     grad_w = grad_w_ptr + dblk.to(tl.int64) * n
-    for j0 in tl.range(0, tl.max(length, axis=0), J, num_stages=STAGES):
-        j = j0 + tl.arange(0, J)
-        m = u_mask[:, None] & (j[None, :] < length[:, None])  # (R, J)
-        p = start[:, None] + j[None, :]
-        pair = tl.load(order_ptr + p, mask=m, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + p, mask=m, other=0.0).to(tl.float32)  # in sorted order
-        token = pair // B
-        g = tl.load(
-            grad_out_ptr + token[:, :, None] * stride_g + d[None, None, :],
-            mask=m[:, :, None] & d_mask[None, None, :],
-            other=0.0,
-            eviction_policy=KEEP,
-        ).to(tl.float32)  # (R, J, BLOCK_D)
-        acc += tl.sum(w[:, :, None] * g, axis=1)
-        tl.store(grad_w + pair, tl.sum(v[:, None, :] * g, axis=2), mask=m)
-    if DENSE:
-        row = slot
-    else:
-        row = u.to(tl.int64)
-    tl.store(out_ptr + row[:, None] * stride_out + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_rows, eviction_policy=STREAM)  # fmt: skip
-    if dblk == 0:
-        tl.store(slots_ptr + u, slot, mask=u_mask)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    v = tl.zeros((BLOCK_D,), tl.float32)
+    u = u0
+    prev = tl.load(sorted_ptr + p0, mask=p0 < p1, other=0) * 0 - 1  # the dtype of slots
+    for p in tl.range(p0, p1, num_stages=STAGES):
+        s = tl.load(sorted_ptr + p)
+        s_n = tl.load(sorted_ptr + p + 1, mask=p + 1 < p1, other=-1)
+        pr = tl.load(pairs_ptr + p)
+        w = tl.load(weights_ptr + p).to(tl.float32)
+        g = tl.load(grad_out_ptr + (pr // B).to(tl.int64) * stride_g + d, mask=d_mask,
+                    other=0.0, eviction_policy=KEEP).to(tl.float32)  # fmt: skip
+        if s != prev:
+            v = tl.load(values_ptr + s.to(tl.int64) * stride_v + d, mask=d_mask, other=0.0,
+                        eviction_policy=STREAM).to(tl.float32)  # fmt: skip
+        acc += w * g
+        tl.store(grad_w + pr, tl.sum(g * v, axis=0))
+        if s_n != s:
+            if DENSE:
+                row = s.to(tl.int64)
+            else:
+                row = u.to(tl.int64)
+            tl.store(out_ptr + row * stride_out + d, acc.to(out_ptr.dtype.element_ty),
+                     mask=d_mask, eviction_policy=STREAM)  # fmt: skip
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            u += 1
+        prev = s
 
 
 def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
@@ -571,25 +581,57 @@ def _count_on_host(count: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
     return host, event
 
 
-def embedding_bag_backward_runs(
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _walk_programs(args: tuple, meta: dict, device: torch.device, per_sm: int | None,
+                   waves: int, d_blocks: int) -> int:  # fmt: skip
+    """Programs in the walk's grid along the pairs: ``per_sm`` for each multiprocessor, or with
+    None ``waves`` times as many as stay resident together for each block of the value dim
+    (from the compiled kernel's registers); 4 under the interpreter, so that runs still fall to
+    several programs. A grid one program past a whole wave is the worst: that program starts
+    its stretch only when another has walked a whole one (H200: 2.6 ms against 1.9)."""
+    if device.type != "cuda":
+        return 4
+    if per_sm is None:
+        key = tuple(sorted(meta.items())) + tuple(
+            a.dtype for a in args if isinstance(a, torch.Tensor)
+        )
+        if key not in _RESIDENT:
+            kernel = _bag_grad_walk_kernel.warmup(*args, grid=(1,), **meta)
+            kernel._init_handles()
+            warps = meta["num_warps"]
+            per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers go to warps in 256s
+            # from each of the 4 sub-partitions' 16K registers (H200: 12 one-warp programs of
+            # 150 registers a multiprocessor stay resident, not 65536 // 4864 = 13)
+            resident_warps = min(64, 4 * (16384 // per_warp))
+            _RESIDENT[key] = max(1, min(32, resident_warps // warps))
+        per_sm = max(1, waves * _RESIDENT[key] // d_blocks)
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def embedding_bag_backward_walk(
     grad_out: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     dense: bool = False,
-    runs: int = 1,
-    pairs: int = 1,
     block_d: int = 512,
     num_warps: int = 1,
-    hints: bool = True,
+    per_sm: int | None = None,
+    waves: int = 2,
     stages: int = 1,
+    hints: bool = True,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_w (N, B) fp32, slots, rows): what ``embedding_bag_backward_fused`` returns, with
-    ``runs`` runs of equal slots a program, their pairs ``pairs`` at a time, and no host sync
-    before the kernel: the runs' offsets and number are found on the device, the grid covers
-    min(N * B, S) runs, and the number U is copied to the host while the kernel is queued;
-    sparse rows are written into a buffer of that many rows and returned as its first U."""
+    """(grad_w (N, B) fp32, slots, rows): what ``embedding_bag_backward_fused`` returns, from a
+    fixed grid of programs (``per_sm`` a multiprocessor, by default ``waves`` times as many as
+    stay resident, or ``programs`` in all) that each walk the
+    sorted pairs of a stretch of runs of equal slots, with no host sync before the kernel: the
+    runs' offsets, slots and number U are found on the device, and U is copied to the host while
+    the kernel is queued; sparse rows are written into a buffer of min(N * B, S) rows and
+    returned as its first U."""
     S, D = values.shape
     N, B = indices.shape
     n = N * B
@@ -597,14 +639,16 @@ def embedding_bag_backward_runs(
     if n == 0 or D == 0:
         slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
         return torch.zeros(N, B, dtype=torch.float32, device=device), slots, rows
-    if n >= 2**31:
+    if n >= 2**31:  # the kernel indexes pairs in int32
         raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {n}")
     sorted_slots, order, run, count = _sorted_runs(indices, S)
     host_count, event = _count_on_host(count)
     bound = min(n, S)
     offsets = torch.empty(bound + 1, dtype=torch.int32, device=device)
-    _run_offsets_kernel[(triton.cdiv(n, 1024),)](sorted_slots, run, offsets, n, BLOCK=1024)
     slots = torch.empty(bound, dtype=torch.int64, device=device)
+    _run_offsets_kernel[(triton.cdiv(n, 1024),)](
+        sorted_slots, run, offsets, slots, n, BLOCK=1024, SLOTS=True
+    )
     out = (
         torch.zeros(S, D, dtype=dtype, device=device)
         if dense
@@ -614,17 +658,22 @@ def embedding_bag_backward_runs(
         values = values.contiguous()
     if grad_out.stride(1) != 1:
         grad_out = grad_out.contiguous()
-    sorted_weights = weights.reshape(-1)[order]
+    pairs = order.to(torch.int32)
+    sorted_weights = weights.reshape(-1)[pairs]
     block_d = min(max(triton.next_power_of_2(D), 16), block_d)
     d_blocks = triton.cdiv(D, block_d)
     parts = torch.empty(d_blocks, N, B, dtype=torch.float32, device=device)
-    _bag_grad_runs_kernel[(triton.cdiv(bound, runs), d_blocks)](
-        values, grad_out, sorted_weights, sorted_slots, order, offsets, count, slots, parts, out,
-        n, D, values.stride(0), grad_out.stride(0), out.stride(0),
-        B=B, R=runs, J=pairs, BLOCK_D=block_d, DENSE=dense,
+    args = (values, grad_out, sorted_weights, pairs, sorted_slots, offsets, count, parts, out,
+            n, D, values.stride(0), grad_out.stride(0), out.stride(0))  # fmt: skip
+    meta = dict(
+        B=B, BLOCK_D=block_d, DENSE=dense,
         STREAM="evict_first" if hints else "", KEEP="evict_last" if hints else "",
-        STAGES=stages, num_warps=num_warps,
+        STAGES=stages, num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
+    if programs is None:
+        programs = _walk_programs(args, meta, device, per_sm, waves, d_blocks)
+    grid = (min(bound, programs), d_blocks)
+    _bag_grad_walk_kernel[grid](*args, **meta)
     grad_w = parts[0] if d_blocks == 1 else parts.sum(0)
     if event is not None:
         event.synchronize()
@@ -647,24 +696,21 @@ def _grad_rows_in_table_dtype(grad_out, values, indices, weights, dtype, dense=F
     return embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense, grad_dtype=low)
 
 
-# the best tiles of the backward by runs on the H200 (``embedding_bag_backward_runs``; 2026-11-29:
-# 2.136 ms as trained against 2.253 for the per-slot kernel in the same call, 2.037 in the call
-# before: no faster beyond the spread between calls, so the autograd does not take it)
-RUNS_TILES = dict(runs=1, pairs=1, block_d=512, num_warps=1, stages=3)
-# the tiles of the backward by runs the autograd takes for a 16-bit grad_out; None: the fused
-# backward of one program per unique slot
-RUNS_BACKWARD: dict | None = None
+# the tiles of the walk over sorted pairs the autograd takes for a 16-bit grad_out
+# (``embedding_bag_backward_walk``); None: the fused backward of one program per unique slot
+WALK_TILES = dict(block_d=512, num_warps=1, waves=2, stages=1)
+WALK_BACKWARD: dict | None = WALK_TILES
 
 
 def _grad_both(grad_out, values, indices, weights, dtype, dense=False):
     """The autograd's two gradients: by one fused pass over the sorted pairs when grad_out is
     16-bit (the bag's output was rounded to it, so reading it in that dtype loses nothing): the
-    kernel by runs (``RUNS_BACKWARD``) or one program per unique slot; else by the weight and
+    walk over sorted pairs (``WALK_BACKWARD``) or one program per unique slot; else by the weight and
     row kernels, which read an fp32 grad_out whole for the weight gradients."""
     if grad_out.dtype in (torch.float16, torch.bfloat16):
-        if RUNS_BACKWARD is not None:
-            return embedding_bag_backward_runs(
-                grad_out, values, indices, weights, dtype, dense, **RUNS_BACKWARD
+        if WALK_BACKWARD is not None:
+            return embedding_bag_backward_walk(
+                grad_out, values, indices, weights, dtype, dense, **WALK_BACKWARD
             )
         return embedding_bag_backward_fused(grad_out, values, indices, weights, dtype, dense)
     grad_w = embedding_bag_grad_weights(grad_out, values, indices)
