@@ -552,7 +552,9 @@ def _default_tiles(N: int) -> dict:
     # formed in the PTX (H200: 1.780 ms against 1.828 for 2 at 4,096 sub-keys; 231 registers
     # against 242); inline PTX, which the interpreter cannot run: 1, plain stores, there
     # split: the combine kernel merges the sums of half-rank 0 as sorted lists and ranks only
-    # the rest by a network (H200: top-k 0.657 ms against 0.692 at 1,024 sub-keys)
+    # the rest by a network (H200: top-k 0.657 ms against 0.692 at 1,024 sub-keys); it takes 16
+    # rows a program (``combine_rows``; H200, two calls: 0.638 / 1.725 ms at 1,024 / 4,096
+    # sub-keys against 0.652 / 1.749 with 32)
     # wide: candidate places per row in scratch, for the rare block with a row over the 64 that
     # the common path ranks (128 beat 64, i.e. rescanning the keys, and 256 on the H200)
     scan = 1 if _INTERPRETED else 3
@@ -578,7 +580,7 @@ def product_key_topk_forward(
     bisect: int | None = None,
     stop: int = 0,
     scan: int | None = None,
-    combine_rows: int = 32,
+    combine_rows: int = 16,
     combine_warps: int = 4,
     wide: int | None = None,
     normed_out: torch.Tensor | None = None,
