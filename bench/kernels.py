@@ -711,6 +711,254 @@ def gpu_bench(args) -> None:
         )
 
 
+def overlap_probe(args) -> None:
+    """Whether the top-k of one chunk of tokens and the bag of the chunk before share the chip:
+    the bag forward by a fixed grid of P programs (how many it needs for the copy rate), then
+    the lookup and read chunked, on one stream against the bags on a side stream, then the
+    layer's forward through them, at each --n-keys."""
+    from memslot.kernels import query_topk, triton_bag, triton_lookup
+    from memslot.kernels.reference import rms_normalise
+
+    check(kernels_cuda.register(), "Triton backend registered for CUDA")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"device {torch.cuda.get_device_name(dev)}, {sms} SMs, torch {torch.__version__}")
+    copy_tbs, copy_ms = copy_rate(dev)
+    row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
+    torch.manual_seed(0)
+    x = torch.randn(1, N, D, device=dev, dtype=dt)
+    ffn = SwiGLU(D).to(dev, dt)
+    with torch.no_grad():
+        ffn_ms = bench_ms(lambda: ffn(x))
+    row("dense SwiGLU FFN forward", ffn_ms)
+    layer_ms = {}
+
+    def at(n_keys):
+        cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
+        torch.manual_seed(0)
+        layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
+        table = torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02
+        nw = layer.query_norm_weight
+        tag = f"{cfg.n_slots:,} slots"
+        with torch.no_grad():
+            q = layer.query(x).reshape(N, H, KD)
+            k1, k2 = rms_normalise(layer.keys[:, 0]), rms_normalise(layer.keys[:, 1])
+            gate = layer.gate(x).reshape(N, -1)
+
+            def lookup():
+                scores, slots = query_topk(q, k1, k2, K, nw)
+                return slots, torch.softmax(scores.float(), -1)
+
+            slots, w = lookup()
+            ix, wf = slots.flatten(1), w.flatten(1)
+            want = triton_bag.embedding_bag_forward_gated(table, ix, wf, gate, dt)[0]
+            t_topk = bench_ms(lookup)
+            t_bag = bench_ms(
+                lambda: triton_bag.embedding_bag_forward_gated(table, ix, wf, gate, dt)
+            )
+            row(f"  {tag}: query top-k + softmax, whole", t_topk)
+            row(f"  {tag}: gated bag forward, whole", t_bag, "", f"sum {t_topk + t_bag:.3f} ms")
+            bag_bytes = N * ix.shape[1] * (D * 2 + 12) + 2 * N * D * 2
+            out = torch.empty_like(want)
+            progs = args.overlap_programs
+            for P in [None, *progs] if n_keys == args.n_keys[0] else []:
+                out.fill_(float("nan"))
+                kern = triton_bag.embedding_bag_forward_grid(table, ix, wf, out, gate, P)
+                ok = torch.equal(out, want)
+                t = bench_ms(lambda P=P: triton_bag.embedding_bag_forward_grid(
+                    table, ix, wf, out, gate, P))  # fmt: skip
+                tbs = bag_bytes / t / 1e9
+                row(f"  gated bag, fixed grid of {P or N} programs", t, f"{tbs:.2f} TB/s",
+                    f"{tbs / copy_tbs:.0%} of copy; {kern.n_regs} registers; equal {ok}")  # fmt: skip
+            configs = [(P, prio) for P in [None, *progs[1:4]] for prio in (0, -1)]
+            best = (float("inf"), None)
+            for C in args.overlap_chunks:
+                bounds = triton_lookup.chunk_bounds(N, C)
+
+                def topk_chunks(bounds=bounds):
+                    for a, b in bounds:
+                        s, _ = query_topk(q[a:b], k1, k2, K, nw)
+                        torch.softmax(s, -1)
+
+                def bag_chunks(bounds=bounds):
+                    for a, b in bounds:
+                        triton_bag.embedding_bag_forward_grid(
+                            table, ix[a:b], wf[a:b], out[a:b], gate[a:b], progs[1]
+                        )
+
+                def run(C=C, P=None, prio=0, overlap=True):
+                    return triton_lookup.lookup_bag_forward(
+                        q, k1, k2, K, nw, table, gate, dt, C, P, overlap, prio)  # fmt: skip
+
+                t_tc, t_bc = bench_ms(topk_chunks), bench_ms(bag_chunks)
+                t_seq = bench_ms(lambda: run(overlap=False))
+                mem, _, sl, ww = run(overlap=False)
+                ok = torch.equal(sl, slots) and torch.equal(mem, want)
+                row(f"  {tag}: {C} chunks in order (one stream)", t_seq, "",
+                    f"top-k chunks {t_tc:.3f} + bag chunks ({progs[1]}) {t_bc:.3f} = "
+                    f"{t_tc + t_bc:.3f}, max {max(t_tc, t_bc):.3f}; equal {ok}")  # fmt: skip
+                for P, prio in configs:
+                    mem, _, sl, ww = run(P=P, prio=prio)
+                    ok = torch.equal(sl, slots) and torch.equal(mem, want)
+                    t = bench_ms(lambda P=P, prio=prio: run(P=P, prio=prio))
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        run(P=P, prio=prio)
+                    host = (time.perf_counter() - t0) * 100
+                    torch.cuda.synchronize()
+                    row(f"  {tag}: {C} chunks, bags on a side stream, {P or 'all'} programs, "
+                        f"priority {prio}", t, "",
+                        f"{t / t_seq:.2f}x in order; host {host:.3f} ms; equal {ok}")  # fmt: skip
+                    if t < best[0]:
+                        best = (t, (C, P, prio))
+            print(f"  {tag}: best overlapped lookup+read {best[0]:.3f} ms at (chunks, programs, "
+                  f"priority) {best[1]}")  # fmt: skip
+            C, P, prio = best[1]
+
+            def layer_overlap():
+                qq = layer.query(x).reshape(N, H, KD)
+                kk1, kk2 = rms_normalise(layer.keys[:, 0]), rms_normalise(layer.keys[:, 1])
+                gg = layer.gate(x).reshape(N, -1)
+                mem = triton_lookup.lookup_bag_forward(
+                    qq, kk1, kk2, K, nw, table, gg, dt, C, P, True, prio)[0]  # fmt: skip
+                return layer.out(mem).view(1, N, -1)
+
+            y0, y1 = layer(x, table)[0], layer_overlap()
+            t0, t1 = bench_ms(lambda: layer(x, table)), bench_ms(layer_overlap)
+            layer_ms[n_keys] = (t0, t1)
+            row(f"Memory+ layer forward, {tag}, as is", t0, "", f"{t0 / ffn_ms:.2f}x FFN")
+            row(f"Memory+ layer forward, {tag}, overlapped {best[1]}", t1, "",
+                f"{t1 / ffn_ms:.2f}x FFN; equal {torch.equal(y0, y1)}")  # fmt: skip
+
+    for n_keys in args.n_keys:
+        at(n_keys)
+        torch.cuda.empty_cache()
+    if len(args.n_keys) > 1:
+        a, b = args.n_keys[0], args.n_keys[-1]
+        ra, rb = layer_ms[a], layer_ms[b]
+        ROWS.append((f"layer forward {b * b:,} / {a * a:,} slots", f"{rb[0] / ra[0]:.2f}x as is",
+                     f"{rb[1] / ra[1]:.2f}x overlapped", "target <= 1.3x"))  # fmt: skip
+
+
+def overlap_graph_probe(args) -> None:
+    """The overlap without the host's launch costs: a whole top-k and a whole bag launched on two
+    streams at once (each order) against each alone, then the chunked lookup and read and the
+    layer's forward captured as CUDA graphs (in order, and with the bags on a side stream)."""
+    from memslot.kernels import query_topk, triton_bag, triton_lookup
+    from memslot.kernels.reference import rms_normalise
+
+    check(kernels_cuda.register(), "Triton backend registered for CUDA")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
+    torch.manual_seed(0)
+    x = torch.randn(1, N, D, device=dev, dtype=dt)
+    ffn = SwiGLU(D).to(dev, dt)
+    with torch.no_grad():
+        ffn_ms = bench_ms(lambda: ffn(x))
+    row("dense SwiGLU FFN forward", ffn_ms)
+    main = torch.cuda.current_stream()
+    side = triton_lookup.side_stream(dev)
+    cv = args.overlap_carveout
+    print(f"bag kernel's preferred shared-memory carveout: {cv}")
+
+    def graph_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            res = fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return bench_ms(g.replay), res, g
+
+    def at(n_keys):
+        cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
+        torch.manual_seed(0)
+        layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
+        table = torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02
+        nw = layer.query_norm_weight
+        tag = f"{cfg.n_slots:,} slots"
+        with torch.no_grad():
+            q = layer.query(x).reshape(N, H, KD)
+            k1, k2 = rms_normalise(layer.keys[:, 0]), rms_normalise(layer.keys[:, 1])
+            gate = layer.gate(x).reshape(N, -1)
+
+            def lookup():
+                scores, slots = query_topk(q, k1, k2, K, nw)
+                return slots, torch.softmax(scores.float(), -1)
+
+            slots, w = lookup()
+            ix, wf = slots.flatten(1), w.flatten(1)
+            want = triton_bag.embedding_bag_forward_gated(table, ix, wf, gate, dt)[0]
+            out = torch.empty_like(want)
+            t_topk = bench_ms(lookup)
+            alone = {}
+            for P in args.overlap_programs:
+                alone[P] = bench_ms(lambda P=P: triton_bag.embedding_bag_forward_grid(
+                    table, ix, wf, out, gate, P, carveout=cv))  # fmt: skip
+            for P in args.overlap_programs:
+                for first in ("top-k", "bag"):
+
+                    def pair(P=P, first=first):
+                        side.wait_stream(main)
+                        if first == "top-k":
+                            lookup()
+                        with torch.cuda.stream(side):
+                            triton_bag.embedding_bag_forward_grid(
+                                table, ix, wf, out, gate, P, carveout=cv
+                            )
+                        if first == "bag":
+                            lookup()
+                        main.wait_stream(side)
+
+                    t = bench_ms(pair)
+                    tb = alone[P]
+                    row(f"  {tag}: whole top-k ({t_topk:.3f}) and bag of {P} programs "
+                        f"({tb:.3f}) on two streams, {first} first", t, "",
+                        f"sum {t_topk + tb:.3f}, max {max(t_topk, tb):.3f}")  # fmt: skip
+            best = (float("inf"), None)
+            for C in args.overlap_chunks:
+
+                def run(C=C, P=None, overlap=True):
+                    return triton_lookup.lookup_bag_forward(
+                        q, k1, k2, K, nw, table, gate, dt, C, P, overlap, carveout=cv)  # fmt: skip
+
+                t_seq, res, _ = graph_ms(lambda: run(overlap=False))
+                ok = torch.equal(res[0], want) and torch.equal(res[2], slots)
+                row(f"  {tag}: {C} chunks in order, CUDA graph", t_seq, "", f"equal {ok}")
+                for P in [None, *args.overlap_programs]:
+                    t, res, _ = graph_ms(lambda P=P: run(P=P))
+                    ok = torch.equal(res[0], want) and torch.equal(res[2], slots)
+                    row(f"  {tag}: {C} chunks, bags on a side stream, {P or 'all'} programs, "
+                        "CUDA graph", t, "", f"{t / t_seq:.2f}x in order; equal {ok}")  # fmt: skip
+                    if t < best[0]:
+                        best = (t, (C, P))
+            C, P = best[1]
+
+            def layer_overlap():
+                qq = layer.query(x).reshape(N, H, KD)
+                kk1, kk2 = rms_normalise(layer.keys[:, 0]), rms_normalise(layer.keys[:, 1])
+                gg = layer.gate(x).reshape(N, -1)
+                mem = triton_lookup.lookup_bag_forward(
+                    qq, kk1, kk2, K, nw, table, gg, dt, C, P, True, carveout=cv)[0]  # fmt: skip
+                return layer.out(mem).view(1, N, -1)
+
+            t0 = bench_ms(lambda: layer(x, table))
+            tg0, y0, _ = graph_ms(lambda: layer(x, table)[0])
+            tg1, y1, _ = graph_ms(layer_overlap)
+            row(f"Memory+ layer forward, {tag}, as is", t0, "", f"{t0 / ffn_ms:.2f}x FFN")
+            row(f"Memory+ layer forward, {tag}, as is, CUDA graph", tg0, "",
+                f"{tg0 / ffn_ms:.2f}x FFN")  # fmt: skip
+            row(f"Memory+ layer forward, {tag}, overlapped {best[1]}, CUDA graph", tg1, "",
+                f"{tg1 / ffn_ms:.2f}x FFN; equal {torch.equal(y0, y1)}")  # fmt: skip
+
+    for n_keys in args.n_keys:
+        at(n_keys)
+        torch.cuda.empty_cache()
+
+
 def profile(what: str, fn, reps: int = 5) -> None:
     """Device time per kernel over ``reps`` calls of fn (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity
@@ -801,9 +1049,18 @@ def main() -> None:
     p.add_argument(
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )
+    p.add_argument("--overlap", action="store_true", help="only the top-k/bag overlap probe")
+    p.add_argument("--overlap-graph", action="store_true", help="with --overlap: CUDA graphs")
+    p.add_argument("--overlap-chunks", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--overlap-carveout", type=int, default=None, help="the bag's, in percent")
+    p.add_argument("--overlap-programs", type=int, nargs="+",
+                   default=[66, 132, 264, 396, 528, 792, 1056])  # fmt: skip
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
-        bench_bag_backward(args) if args.bag_backward else gpu_bench(args)
+        if args.overlap:
+            overlap_graph_probe(args) if args.overlap_graph else overlap_probe(args)
+        else:
+            bench_bag_backward(args) if args.bag_backward else gpu_bench(args)
     else:
         cpu_bench(args)
     print("\n| measurement | time | rate | notes |\n|---|---|---|---|")

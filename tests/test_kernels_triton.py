@@ -630,3 +630,65 @@ def test_autograd_takes_the_walk_or_per_slot_backward_alike(sparse, monkeypatch)
     for name in ("per slot", "walk"):
         assert rel_err(results[name][0], results["reference"][0]) < TOLERANCE[torch.bfloat16]
         assert rel_err(results[name][1], results["reference"][1]) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("programs", [None, 1, 3, 1000])
+@pytest.mark.parametrize("gated", [True, False])
+def test_bag_forward_by_a_fixed_grid_gives_the_bag_kernels_bits(programs, gated):
+    g = torch.Generator().manual_seed(5)
+    n, bag, n_slots, dim = 7, 12, 50, 40  # dim not a power of two: masked tails
+    values = torch.randn(n_slots, dim, generator=g).to(DEVICE, torch.bfloat16)
+    indices = torch.randint(0, n_slots, (n, bag), generator=g).to(DEVICE)
+    weights = torch.rand(n, bag, generator=g).to(DEVICE)
+    gate = torch.randn(n, dim, generator=g).to(DEVICE, torch.bfloat16)
+    if gated:
+        want = triton_bag.embedding_bag_forward_gated(
+            values, indices, weights, gate, torch.bfloat16
+        )[0]
+        out = torch.full_like(want, float("nan"))
+        triton_bag.embedding_bag_forward_grid(values, indices, weights, out, gate, programs)
+    else:
+        want = triton_bag.embedding_bag_forward(values, indices, weights)
+        out = torch.full_like(want, float("nan"))
+        triton_bag.embedding_bag_forward_grid(values, indices, weights, out, None, programs)
+    assert torch.equal(out, want)
+    rows = out[2:5].clone().fill_(float("nan"))  # a row range of a larger output
+    triton_bag.embedding_bag_forward_grid(
+        values, indices[2:5], weights[2:5], rows, gate[2:5] if gated else None, programs
+    )
+    assert torch.equal(rows, want[2:5])
+
+
+def test_fused_topk_writes_into_given_outputs():
+    q1, q2, k1, k2 = random_keys(20, 2, 32, 8, seed=11)
+    scores, slots, _, _ = triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4)
+    out = torch.full_like(scores, float("nan")), torch.full_like(slots, -1)
+    got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0], scores) and torch.equal(out[1], slots)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("overlap,chunks,programs", [(True, 3, None), (True, 4, 64), (False, 2, 8)])
+def test_chunked_lookup_and_bag_give_the_whole_batch_bits(overlap, chunks, programs):
+    from memslot.kernels import triton_lookup
+
+    g = torch.Generator().manual_seed(6)
+    n, heads, n_keys, k_dim, topk, n_slots, dim = 300, 2, 32, 32, 8, 32 * 32, 64
+    q = torch.randn(n, heads, k_dim, generator=g).to(DEVICE, torch.bfloat16)
+    k1, k2 = (torch.randn(heads, n_keys, k_dim // 2, generator=g).to(DEVICE) for _ in "ab")
+    norm_weight = (1 + 0.1 * torch.randn(2, k_dim // 2, generator=g)).to(DEVICE, torch.bfloat16)
+    values = torch.randn(n_slots, dim, generator=g).to(DEVICE, torch.bfloat16)
+    gate = torch.randn(n, dim, generator=g).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        scores, slots = triton_topk.query_topk(q, k1, k2, topk, norm_weight)
+        weights = torch.softmax(scores, -1)
+        want = triton_bag.embedding_bag_forward_gated(
+            values, slots.flatten(1), weights.flatten(1), gate, torch.bfloat16
+        )[0]
+        got = triton_lookup.lookup_bag_forward(
+            q, k1, k2, topk, norm_weight, values, gate, torch.bfloat16, chunks, programs, overlap
+        )
+    torch.cuda.synchronize()
+    for a, b in zip(got, (want, scores, slots, weights), strict=True):
+        assert torch.equal(a, b)
