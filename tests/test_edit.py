@@ -229,6 +229,65 @@ def test_gradient_steps_teach_a_fact_with_less_change_than_adam_and_keep_more_an
     assert kept["gradient"] >= kept["adam"], kept
 
 
+def test_a_row_many_contexts_read_moves_less_and_the_fact_lands_on_its_own_rows(
+    tiny_model_dir,
+):
+    # The row an edit moves most, marked as read by many background contexts, takes a far
+    # smaller share of the change once steps are damped by usage; the fact is still learned.
+    prompt, target = counterfactual(load_corpus(tiny_model_dir), 0)
+
+    def edit(usage_scale: float, damping: float):
+        model, tok = load_model(tiny_model_dir)
+        usage, tokens = load_slot_usage(tiny_model_dir)
+        usage = usage.clone().double()
+        if heavy is not None:
+            usage[:, heavy] = usage[usage > 0].mean() * usage_scale
+        config = EditConfig(usage_damping=damping, shared_ratio=0)
+        editor = Editor(model, tok, usage, config, usage_tokens=tokens)
+        result = editor.edit_facts([(prompt, target)])
+        assert result.success, result.reports
+        change = (result.rows - model.memory_values[result.slots]).norm(dim=1)
+        apply(model, result)
+        assert generate(model, tok, prompt).text == target
+        return result.slots.tolist(), change / change.sum()
+
+    heavy = None
+    slots, share = edit(1.0, 0.0)
+    heavy = slots[int(share.argmax())]
+    before = float(share.max())
+    slots, share = edit(16.0, 0.0)  # usage alone (no damping) leaves the row its share
+    assert heavy in slots and float(share[slots.index(heavy)]) > before / 2
+    slots, share = edit(16.0, 4.0)
+    assert heavy in slots and float(share[slots.index(heavy)]) < before / 4, (before, share)
+
+
+def test_rows_an_earlier_edit_moved_are_pulled_back_towards_their_first_values(tiny_model_dir):
+    # Teach a counterfactual, then correct it back to the true answer: with the drift pull the
+    # editor remembers where the rows started and the correction brings them closer to that.
+    corpus = load_corpus(tiny_model_dir)
+    prompt, target = counterfactual(corpus, 1)
+    truth = corpus.facts[1].answer
+    distance = {}
+    for pull in (0.0, 0.01):
+        model, tok, editor = _fresh_editor(tiny_model_dir, config=EditConfig(drift_pull=pull))
+        first = model.memory_values.detach().clone()
+        result = editor.edit_facts([(prompt, target)])
+        assert result.success, result.reports
+        apply(model, result)
+        result = editor.edit_facts([(prompt, truth)], force=True)
+        assert result.success, result.reports
+        apply(model, result)
+        assert generate(model, tok, prompt).text == truth
+        distance[pull] = float((model.memory_values - first).norm())
+    assert distance[0.01] < 0.8 * distance[0.0], distance
+
+
+@pytest.mark.parametrize("field", ["usage_damping", "drift_pull"])
+def test_a_negative_row_setting_is_rejected(field):
+    with pytest.raises(EditError, match=f"{field} must be >= 0"):
+        EditConfig(**{field: -1.0}).validate()
+
+
 def test_a_bad_optimizer_is_rejected():
     with pytest.raises(EditError, match="optimizer must be 'gradient' or 'adam'"):
         EditConfig(optimizer="sgd").validate()
