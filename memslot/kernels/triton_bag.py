@@ -71,47 +71,6 @@ def _bag_forward_kernel(
 
 
 @triton.jit
-def _bag_forward_grid_kernel(
-    values_ptr,
-    indices_ptr,
-    weights_ptr,
-    out_ptr,
-    gate_ptr,
-    N,
-    B,
-    D,
-    stride_v,
-    BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    GATE: tl.constexpr,
-):
-    """The forward of ``_bag_forward_kernel`` (no kept bag) by a fixed grid: program p takes the
-    (token, block of the value dim) tiles p, p + P, ... (P programs), so that a launch holds only
-    as many multiprocessors as it is given programs for and leaves the rest to other work."""
-    n_d = tl.cdiv(D, BLOCK_D)
-    for t in range(tl.program_id(0), N * n_d, tl.num_programs(0)):
-        n = (t // n_d).to(tl.int64)
-        d = (t % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            b = b0 + tl.arange(0, BLOCK_B)
-            b_mask = b < B
-            idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
-            w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
-            rows = tl.load(
-                values_ptr + idx[:, None] * stride_v + d[None, :],
-                mask=b_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
-            acc += tl.sum(rows * w[:, None], axis=0)
-        if GATE:
-            x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
-            acc = acc * x * tl.sigmoid(x)
-        tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-
-@triton.jit
 def _gate_grads_kernel(grad_ptr, gate_ptr, bag_ptr, d_bag_ptr, d_gate_ptr, numel,
                        BLOCK: tl.constexpr):  # fmt: skip
     """d_bag = g * silu(x), d_gate = g * bag * silu'(x) of m = silu(x) * bag, in fp32."""
@@ -433,63 +392,6 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False)
         num_warps=4,
     )  # fmt: skip
     return out, bag
-
-
-def embedding_bag_forward_grid(
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    out: torch.Tensor,
-    gate: torch.Tensor | None = None,
-    programs: int | None = None,
-    num_warps: int = 4,
-    num_stages: int | None = None,
-    carveout: int | None = None,
-):
-    """out (N, D) = the bag of each token (times silu(gate) with ``gate`` (N, D)), summed in fp32
-    and rounded once to out's dtype, by ``programs`` programs (default: one a tile) that loop over
-    the tiles; writes into ``out`` (a contiguous (N, D) tensor or a row range of one) and returns
-    the launched kernel. No autograd. ``carveout`` (0-100), when given, is set as the kernel's
-    preferred shared-memory carveout (percent of the SM's unified L1/shared memory) after the
-    launch: a multiprocessor running a kernel with a small carveout cannot host a kernel that
-    needs much shared memory until it drains."""
-    N, B = indices.shape
-    D = values.shape[1]
-    if N == 0 or D == 0:
-        return None
-    if B == 0:
-        out.zero_()
-        return None
-    if values.stride(1) != 1:
-        values = values.contiguous()
-    indices, weights = indices.contiguous(), weights.contiguous()
-    block_d, block_b = _tiles(D, 8192)
-    block_b = min(block_b, max(16, triton.next_power_of_2(B)))
-    tiles = N * triton.cdiv(D, block_d)
-    extra = {} if num_stages is None else dict(num_stages=num_stages)
-    kernel = _bag_forward_grid_kernel[(min(programs or tiles, tiles),)](
-        values, indices, weights, out, out if gate is None else gate, N, B, D, values.stride(0),
-        BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, num_warps=num_warps, **extra,
-    )  # fmt: skip
-    if carveout is not None and getattr(kernel, "function", None):
-        _set_carveout(kernel.function, carveout)
-    return kernel
-
-
-_CARVEOUT_SET: dict[int, int] = {}
-
-
-def _set_carveout(function: int, percent: int) -> None:
-    """cuFuncSetAttribute(function, PREFERRED_SHARED_MEMORY_CARVEOUT, percent), once a value."""
-    if _CARVEOUT_SET.get(function) == percent:
-        return
-    import ctypes
-
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    err = libcuda.cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
-    if err:
-        raise RuntimeError(f"cuFuncSetAttribute(carveout={percent}) failed: CUresult {err}")
-    _CARVEOUT_SET[function] = percent
 
 
 def gate_grads(

@@ -585,13 +585,11 @@ def product_key_topk_forward(
     wide: int | None = None,
     normed_out: torch.Tensor | None = None,
     split: bool | None = None,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
     ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
-    key gradient is a product with). ``out``, when given, is the (scores, slots) to write:
-    contiguous, of the shapes and dtypes below.
+    key gradient is a product with).
 
     scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
     rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots
@@ -609,11 +607,8 @@ def product_key_topk_forward(
     keys1, keys2 = (t.to(q1.dtype) for t in (keys1, keys2))
     keys1, keys2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys1, keys2))
     device = q1.device
-    if out is None:
-        scores = torch.empty(N, H, topk, dtype=torch.float32, device=device)
-        slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
-    else:
-        scores, slots = out
+    scores = torch.empty(N, H, topk, dtype=torch.float32, device=device)
+    slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
     half_s = torch.empty(2, N, H, topk, dtype=torch.float32, device=device)
     half_idx = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
     pair_rank = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
