@@ -613,7 +613,7 @@ class Editor:
         else:
             damping = None
             if self._damping is not None:
-                damping = self._damping.to(table.device)[slots]
+                damping = self._damping[slots.cpu()].to(table.device)
             optimizer = _GradientSteps([rows], lr=step, damping=damping)
         n_wide = pack.n if n_wide is None else n_wide
         taught = pack.first(n_wide) if wide and n_wide else None
