@@ -90,9 +90,10 @@ class EditConfig:
     # since it started), weighted by the row's background reads: sum over the rows of
     # drift_pull x usage x (row - first value)^2 / table RMS^2, added to the loss. A row that
     # the facts of one relation share is written by edit after edit; without the pull its
-    # change accumulates (six times its norm after 1,000 edits) until facts no edit was about
-    # lose their answers. A stronger pull (0.001) keeps more of them and fewer paraphrases of
-    # the edited facts. 0 turns it off.
+    # change accumulates (four to eight times its norm after 1,000 edits on the demo model)
+    # until facts no edit was about lose their answers. A stronger pull (0.001) keeps more of
+    # them and fewer paraphrases of the edited facts. 0 turns it off. The first values are
+    # kept on the table's device, one row per slot the editor has optimised.
     drift_pull: float = 0.0002
 
     def validate(self) -> None:
