@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent import futures
+
 import grpc
 import pytest
 import torch
@@ -10,7 +13,13 @@ from memslot.memstore import ConflictError, ValidationError, VersionNotFoundErro
 from memslot.proto import build
 from memslot.proto.memslot.v1 import memslot_pb2 as pb
 from memslot.proto.memslot.v1 import memslot_pb2_grpc as pb_grpc
-from memslot.service.auth import AuthConfigError, Role, check_listen_address, load_tokens
+from memslot.service.auth import (
+    AuthConfigError,
+    DrainGate,
+    Role,
+    check_listen_address,
+    load_tokens,
+)
 from memslot.service.client import TensorFormatError, tensor_from_proto, tensor_to_proto
 from memslot.service.server import RpcFailure, status_of
 
@@ -196,3 +205,59 @@ def test_the_server_s_taught_facts_cache_follows_the_head_like_the_full_walk(tmp
     check()
     store.commit([5], torch.ones(1, 2), expected_parent=store.head, kind="write")
     check()
+
+
+def test_a_closed_drain_gate_answers_new_calls_unavailable_and_waits_for_calls_in_flight():
+    # A real gRPC server with the gate in front of two methods: a unary call that blocks until
+    # released and a stream. Closing the gate refuses new calls with UNAVAILABLE (not the
+    # CANCELLED a stopping gRPC server gives), and the call already running is counted until
+    # it returns.
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(request, context):
+        entered.set()
+        release.wait(10)
+        return request
+
+    def stream(request, context):
+        yield request
+        yield request
+
+    def identity(b):
+        return b
+
+    gate = DrainGate()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[gate])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Gate",
+                {
+                    "Slow": grpc.unary_unary_rpc_method_handler(slow, identity, identity),
+                    "Stream": grpc.unary_stream_rpc_method_handler(stream, identity, identity),
+                },
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            slow_call = channel.unary_unary("/test.Gate/Slow")
+            stream_call = channel.unary_stream("/test.Gate/Stream")
+            assert list(stream_call(b"x", timeout=10)) == [b"x", b"x"]
+            assert gate.wait_idle(1)  # the finished stream is no longer counted
+            pending = slow_call.future(b"a", timeout=10)
+            assert entered.wait(10)
+            gate.close()
+            assert not gate.wait_idle(0.2)  # the slow call is still in flight
+            for call in (lambda: slow_call(b"b", timeout=10), lambda: list(stream_call(b"c"))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in refused.value.details()
+            release.set()
+            assert pending.result(10) == b"a"  # the call in flight finished normally
+            assert gate.wait_idle(5)
+    finally:
+        server.stop(None)

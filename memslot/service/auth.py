@@ -12,9 +12,11 @@ only listen on a loopback address.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hmac
 import ipaddress
+import threading
 from pathlib import Path
 
 import grpc
@@ -122,14 +124,14 @@ class TokenAuth(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         role = self.role_of(handler_call_details.invocation_metadata)
         if role is None:
-            return _refusal(
+            return refusal(
                 continuation(handler_call_details),
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown token: send 'authorization: Bearer <token>' metadata with a "
                 "token from the server's tokens file",
             )
         if method_name(method) in WRITE_METHODS and role < Role.EDITOR:
-            return _refusal(
+            return refusal(
                 continuation(handler_call_details),
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method_name(method)} changes the memory and needs an editor token; this "
@@ -138,7 +140,7 @@ class TokenAuth(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
-def _refusal(handler, code: grpc.StatusCode, message: str):
+def refusal(handler, code: grpc.StatusCode, message: str):
     """A handler of the same shape as ``handler`` that fails with ``code``."""
     if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
         return None
@@ -153,3 +155,81 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class DrainGate(grpc.ServerInterceptor):
+    """Counts the MemoryService calls in flight; once closed, answers new ones UNAVAILABLE.
+
+    A draining server closes the gate and waits for the calls in flight before it stops gRPC:
+    gRPC answers a call that reaches a stopping server CANCELLED, which a client cannot tell
+    from its own cancellation, while UNAVAILABLE says to retry elsewhere. Health and reflection
+    calls pass (health reports NOT_SERVING while draining)."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._in_flight = 0
+        self._changed = threading.Condition()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight (True) or ``timeout`` seconds pass (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @contextlib.contextmanager
+    def _call(self):
+        with self._changed:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        if self._closed:
+            return refusal(
+                handler,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down: retry on another server or after it restarts",
+            )
+        return self._counted(handler)
+
+    def _counted(self, handler):
+        """``handler`` with each call counted in flight until it returns or its stream ends."""
+        if handler.response_streaming:
+            behaviour = handler.stream_stream or handler.unary_stream
+
+            def call(request, context):
+                with self._call():
+                    yield from behaviour(request, context)
+
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+        else:
+            behaviour = handler.stream_unary or handler.unary_unary
+
+            def call(request, context):
+                with self._call():
+                    return behaviour(request, context)
+
+            make = (
+                grpc.stream_unary_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+        return make(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -46,7 +46,7 @@ from memslot.memstore import (
 )
 from memslot.proto.memslot.v1 import memslot_pb2 as pb
 from memslot.proto.memslot.v1 import memslot_pb2_grpc as pb_grpc
-from memslot.service.auth import Role, TokenAuth, check_listen_address
+from memslot.service.auth import DrainGate, Role, TokenAuth, check_listen_address
 from memslot.service.client import DEFAULT_MAX_MESSAGE_BYTES, tensor_from_proto, tensor_to_proto
 
 if TYPE_CHECKING:
@@ -200,6 +200,8 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
         self._watchers = 0
         self._stopping = False
         self._started = time.monotonic()
+        # counts calls in flight; closed by ``begin_shutdown`` (``build_server`` installs it)
+        self.gate = DrainGate()
 
     # --------------------------------------------------------------------------------- queries
 
@@ -715,7 +717,9 @@ class MemoryService(pb_grpc.MemoryServiceServicer):
     # -------------------------------------------------------------------------------- shutdown
 
     def begin_shutdown(self) -> None:
-        """End the watch streams (they never finish on their own); other calls drain."""
+        """Answer new calls UNAVAILABLE and end the watch streams (they never finish on their
+        own); the other calls in flight drain."""
+        self.gate.close()
         with self._commits:
             self._stopping = True
             self._commits.notify_all()
@@ -860,7 +864,7 @@ def build_server(
     max_bytes = service.limits.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memslot-rpc"),
-        interceptors=[TokenAuth(tokens)] if tokens else [],
+        interceptors=[service.gate, *([TokenAuth(tokens)] if tokens else [])],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -909,14 +913,26 @@ def open_or_create_store(store_dir: str | Path, model_dir: str | Path) -> tuple[
     return Store.create(path, table, message=f"initial table from {values_file}"), True
 
 
+DRAIN_LINGER_S = 0.5  # how long a drained server still answers UNAVAILABLE before it stops
+
+
 def drain(
     server: grpc.Server,
     service: MemoryService,
     health_servicer: health.HealthServicer,
     grace_seconds: float,
 ) -> None:
-    """Stop taking calls, let in-flight calls finish (up to the grace), stop the engine."""
+    """Stop taking calls, let in-flight calls finish (up to the grace), stop the engine.
+
+    New calls are answered UNAVAILABLE from the start, and gRPC is stopped only once the calls
+    in flight are done (or the grace is spent): a call that reaches a stopping gRPC server is
+    answered CANCELLED, which tells a client nothing about where to go."""
+    deadline = time.monotonic() + grace_seconds
     health_servicer.enter_graceful_shutdown()
     service.begin_shutdown()
-    server.stop(grace_seconds).wait()
+    if service.gate.wait_idle(grace_seconds):
+        # a client whose call has just been answered may send its next one: let the gate
+        # answer that UNAVAILABLE too before gRPC stops
+        time.sleep(max(0.0, min(DRAIN_LINGER_S, deadline - time.monotonic())))
+    server.stop(max(0.0, deadline - time.monotonic())).wait()
     service.engine.close()
