@@ -191,20 +191,21 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     same = (sl.sort(-1).values == wsl.sort(-1).values).float().mean().item()
     print(f"  topk n_keys={n_keys}: score rel err {rel_err(s, ws):.2e}, slots equal {same:.4f}")
     check(rel_err(s, ws) < 1e-2, f"fused top-k scores vs fp32 reference, n_keys {n_keys}")
+    want = wsl.sort(-1).values
+
+    def runs_and_matches(v) -> bool:
+        """Run top-k variant ``v`` once; False if it fails to run, else check its slots."""
+        try:
+            got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)[1]
+        except Exception as e:
+            print(f"    top-k variant {v} failed: {type(e).__name__}: {str(e)[:160]}")
+            return False
+        same = (got.sort(-1).values == want).float().mean().item()
+        check(same > 0.9999, f"top-k variant {v}: slots equal the fp32 reference's ({same:.6f})")
+        return True
+
     if topk_sweep:
-        want = wsl.sort(-1).values
-        variants = []
-        for v in topk_variants(n_keys):
-            try:
-                got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)[1]
-            except Exception as e:
-                print(f"    top-k variant {v} failed: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            same = (got.sort(-1).values == want).float().mean().item()
-            check(
-                same > 0.9999, f"top-k variant {v}: slots equal the fp32 reference's ({same:.6f})"
-            )
-            variants.append(v)
+        variants = [v for v in topk_variants(n_keys) if runs_and_matches(v)]
         times = tile_sweep(
             "top-k variant",
             lambda **kw: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **kw),
@@ -226,19 +227,9 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
                 [dict(base, stop=stop) for stop in (1, 2, 3)],
             )
     if sweep:
-        want = wsl.sort(-1).values
         for v in TOPK_VARIANTS:
-            if "stop" in v:
-                continue
-            try:
-                got = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, **v)[1]
-            except Exception as e:
-                print(f"    top-k variant {v} failed: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            same = (got.sort(-1).values == want).float().mean().item()
-            check(
-                same > 0.9999, f"top-k variant {v}: slots equal the fp32 reference's ({same:.6f})"
-            )
+            if "stop" not in v:
+                runs_and_matches(v)
         for bisect in (0, 12):  # how many candidates the bound lets through, per row
             count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, bisect=bisect, stop=2)[
                 3

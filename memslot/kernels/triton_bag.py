@@ -440,6 +440,20 @@ def _sort_pairs(indices: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torc
     return torch.sort(flat, stable=True)
 
 
+def _grad_rows_buffer(S: int, D: int, rows: int, dtype, dense: bool, device) -> torch.Tensor:
+    """Where a backward writes the value gradient: the whole (S, D) table's, zeroed, with
+    ``dense``; else ``rows`` gradient rows."""
+    if dense:
+        return torch.zeros(S, D, dtype=dtype, device=device)
+    return torch.empty(rows, D, dtype=dtype, device=device)
+
+
+def _check_int32_pairs(n: int) -> None:
+    """The fused and walking backwards index the (token, bag position) pairs in int32."""
+    if n >= 2**31:
+        raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {n}")
+
+
 def _sorted_segments(
     indices: torch.Tensor, n_slots: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -478,11 +492,7 @@ def embedding_bag_grad_rows(
         return slots, torch.zeros(shape, dtype=dtype, device=device)
     slots, order, offsets = _sorted_segments(indices, S)
     U = slots.numel()
-    out = (
-        torch.zeros(S, D, dtype=dtype, device=device)
-        if dense
-        else torch.empty(U, D, dtype=dtype, device=device)
-    )
+    out = _grad_rows_buffer(S, D, U, dtype, dense, device)
     if D == 0:
         return slots, out
     if grad_dtype is not None:
@@ -526,15 +536,10 @@ def embedding_bag_backward_fused(
     if indices.numel() == 0 or D == 0:
         slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
         return grad_w.zero_(), slots, rows
-    if N * B >= 2**31:  # the kernel indexes pairs in int32
-        raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {N * B}")
+    _check_int32_pairs(N * B)
     slots, order, offsets = _sorted_segments(indices, S)
     U = slots.numel()
-    out = (
-        torch.zeros(S, D, dtype=dtype, device=device)
-        if dense
-        else torch.empty(U, D, dtype=dtype, device=device)
-    )
+    out = _grad_rows_buffer(S, D, U, dtype, dense, device)
     if values.stride(1) != 1:
         values = values.contiguous()
     if grad_out.stride(1) != 1:
@@ -639,8 +644,7 @@ def embedding_bag_backward_walk(
     if n == 0 or D == 0:
         slots, rows = embedding_bag_grad_rows(grad_out, values, indices, weights, dtype, dense)
         return torch.zeros(N, B, dtype=torch.float32, device=device), slots, rows
-    if n >= 2**31:  # the kernel indexes pairs in int32
-        raise ValueError(f"at most 2**31 - 1 (token, bag position) pairs, got {n}")
+    _check_int32_pairs(n)
     sorted_slots, order, run, count = _sorted_runs(indices, S)
     host_count, event = _count_on_host(count)
     bound = min(n, S)
@@ -649,11 +653,7 @@ def embedding_bag_backward_walk(
     _run_offsets_kernel[(triton.cdiv(n, 1024),)](
         sorted_slots, run, offsets, slots, n, BLOCK=1024, SLOTS=True
     )
-    out = (
-        torch.zeros(S, D, dtype=dtype, device=device)
-        if dense
-        else torch.empty(bound, D, dtype=dtype, device=device)
-    )
+    out = _grad_rows_buffer(S, D, bound, dtype, dense, device)
     if values.stride(1) != 1:
         values = values.contiguous()
     if grad_out.stride(1) != 1:
