@@ -703,94 +703,24 @@ def gpu_bench(args) -> None:
 
 
 # the pipelined read's reader tiles (``triton_lookup.READER_TILES`` keys), swept by --lookup
-READER_KEYS = ("num_warps", "per_sm", "stages", "block_b", "block_d", "tok")
 LOOKUP_VARIANTS = [
-    dict(zip(READER_KEYS, v, strict=True))
-    for v in [
-        (4, 2, 1, 16, 1024, 4),
-        (4, 1, 1, 16, 1024, 4),
-        (4, 1, 3, 16, 1024, 4),
-        (4, 1, 4, 16, 1024, 4),
-        (4, 1, 4, 16, 512, 4),
-        (4, 1, 6, 8, 1024, 4),
-        (2, 1, 4, 8, 1024, 4),
-        (2, 2, 4, 8, 1024, 4),
-        (2, 1, 6, 8, 512, 4),
-        (8, 1, 3, 32, 1024, 4),
-        (8, 1, 4, 16, 1024, 4),
-        (4, 2, 3, 16, 512, 4),
-        (4, 6, 1, 16, 1024, 4),
-        (4, 1, 1, 16, 1024, 1),
-    ]
+    dict(per_sm=1),
+    dict(per_sm=3),
+    dict(per_sm=4),
+    dict(per_sm=6),
+    dict(num_warps=2, per_sm=2),
+    dict(num_warps=2, per_sm=4),
+    dict(num_warps=2, per_sm=6),
+    dict(num_warps=1, per_sm=4),
+    dict(num_warps=1, per_sm=8),
+    dict(stages=2),
+    dict(stages=3),
+    dict(num_warps=2, per_sm=4, stages=3),
+    dict(block_b=32),
+    dict(num_warps=2, per_sm=4, block_b=8),
+    dict(tok=1, per_sm=4),
+    dict(block_d=512, num_warps=2, per_sm=4),
 ]
-# the half kernel's rows and warps a program in the pipelined read
-HALF_VARIANTS = [dict(half_rows=64, half_warps=4), dict(half_rows=32, half_warps=4)]
-
-
-def sweep_reader(read, serial, q, k1, k2, nw, table, gate, K, copy_tbs) -> None:
-    """The half kernel alone, counting its blocks, at each of ``HALF_VARIANTS``; the reader alone
-    (counters already full) and the whole pipelined read at each of ``LOOKUP_VARIANTS``."""
-    from memslot.kernels import triton_lookup, triton_topk
-
-    N, D = gate.shape
-    H = q.shape[1]
-    with torch.no_grad():
-        normed = triton_topk.normalise_query(q, nw)
-    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-    for hv in HALF_VARIANTS:
-        rows, warps = hv["half_rows"], hv["half_warps"]
-        ready = torch.zeros(triton_cdiv(N, rows), dtype=torch.int32, device=q.device)
-
-        def half(rows=rows, warps=warps, ready=ready):
-            return triton_topk.half_topk(
-                q1, q2, k1, k2, K, block_n=rows, num_warps=warps, ready=ready
-            )
-
-        half()
-        kernel = triton_topk.LAUNCHED["half"]
-        print(
-            f"    half kernel {hv}: {bench_ms(half):.3f} ms ({kernel.n_regs} registers, "
-            f"{kernel.metadata.shared} B shared, {kernel.n_spills} spills)",
-            flush=True,
-        )
-    # the reader alone: halves and full counters from the default half kernel
-    rows = triton_topk.half_block_rows(N)
-    ready = torch.zeros(triton_cdiv(N, rows), dtype=torch.int32, device=q.device)
-    half_s, half_idx = triton_topk.half_topk(q1, q2, k1, k2, K, block_n=rows, ready=ready)
-    torch.cuda.synchronize()
-    bag_bytes = N * H * K * D * table.element_size() + 2 * N * D * gate.element_size()
-    for v in LOOKUP_VARIANTS:
-
-        def alone(v=v):
-            return triton_lookup.read_halves(
-                half_s, half_idx, ready, rows, k1.shape[1], table, gate, gate.dtype, True, **v
-            )
-
-        with torch.no_grad():
-            got = alone()
-            ok = torch.equal(got[1], serial[1]) and torch.equal(got[2], serial[2])
-            ok = ok and rel_err(got[0], serial[0]) < 1e-5
-            kernel = triton_lookup.LAUNCHED["reader"]
-            t_alone = bench_ms(alone)
-            piped = {}
-            for hv in HALF_VARIANTS:
-                got = read(**v, **hv)
-                ok = ok and torch.equal(got[1], serial[1])
-                ok = ok and rel_err(got[0], serial[0]) < 1e-5
-                piped[hv["half_rows"]] = bench_ms(lambda v=v, hv=hv: read(**v, **hv))
-        check(ok, f"reader {v}: the slots, weights and output of the unpipelined read")
-        rate = bag_bytes / t_alone / 1e9
-        print(
-            f"    reader {' '.join(f'{k}={x}' for k, x in v.items())}: alone {t_alone:.3f} ms "
-            f"({rate:.2f} TB/s, {100 * rate / copy_tbs:.0f}% of copy; {kernel.n_regs} "
-            f"registers, {kernel.metadata.shared} B shared); pipelined "
-            + ", ".join(f"{ms:.3f} ms (half rows {r})" for r, ms in piped.items()),
-            flush=True,
-        )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def bench_lookup(args) -> None:
@@ -858,7 +788,19 @@ def bench_lookup(args) -> None:
         row(f"  read, {cfg.n_slots:,} slots: lookup_read, reader after the top-k", t_serial)
         row(f"  read, {cfg.n_slots:,} slots: lookup_read pipelined (default)", t_piped)
         if args.sweep and n_keys == args.n_keys[0]:
-            sweep_reader(read, serial, q, k1, k2, nw, table, gate, K, copy_tbs)
+            for v in LOOKUP_VARIANTS:
+                with torch.no_grad():
+                    got = read(**v)
+                ok = all(torch.equal(a, b) for a, b in zip(serial, got, strict=True))
+                check(ok, f"reader tiles {v}: the same bits")
+                kernel = triton_lookup.LAUNCHED["reader"]
+                with torch.no_grad():
+                    ms = bench_ms(lambda v=v: read(**v))
+                print(
+                    f"    reader {v}: {ms:.3f} ms ({kernel.n_regs} registers, "
+                    f"{kernel.metadata.shared} B shared)",
+                    flush=True,
+                )
 
         def fwd(layer=layer, table=table):
             with torch.no_grad():

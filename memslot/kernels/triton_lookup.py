@@ -173,60 +173,31 @@ def lookup_read(
     queries q (N, H, k_dim): the forward of ``reference.lookup_read``, not differentiable.
 
     ``overlap`` (default: on CUDA) runs the bag gather beside the top-k; ``tiles`` override
-    ``READER_TILES`` (benchmarks sweep them), ``half_rows`` and ``half_warps`` the half
-    kernel's rows and warps a program."""
+    ``READER_TILES`` (benchmarks sweep them)."""
     N, H, k_dim = q.shape
+    D = values.shape[1]
+    t = dict(READER_TILES, **tiles)
     device = q.device
     if overlap is None:
         overlap = device.type == "cuda" and not _INTERPRETED
+    out = torch.empty(N, D, dtype=out_dtype, device=device)
+    slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
+    weights = torch.empty(N, H, topk, dtype=torch.float32, device=device)
     normed = normalise_query(q, norm_weight)  # (2, H, N, half)
     q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-    half_rows = tiles.pop("half_rows", None) or half_block_rows(N)
-    half_warps = tiles.pop("half_warps", None)
-    ready = torch.zeros(max(1, triton.cdiv(N, half_rows)), dtype=torch.int32, device=device)
+    if N == 0:
+        half_topk(q1, q2, keys1, keys2, topk)  # validates topk
+        return out, slots, weights
+    half_rows = half_block_rows(N)
+    tok = max(1, min(t["tok"], max(1, 16 // H)))
+    while half_rows % tok:  # a group's tokens lie in one row block of the half kernel
+        tok -= 1
+    ready = torch.zeros(triton.cdiv(N, half_rows), dtype=torch.int32, device=device)
     main = torch.cuda.current_stream(device) if device.type == "cuda" else None
     side = _side_stream(device) if overlap and device.type == "cuda" else None
     if side is not None:
         side.wait_stream(main)  # the reader starts after its inputs and the zeroed counters
-    half_s, half_idx = half_topk(
-        q1, q2, keys1, keys2, topk, block_n=half_rows, num_warps=half_warps, ready=ready
-    )
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        result = read_halves(half_s, half_idx, ready, half_rows, keys1.shape[1], values, gate,
-                             out_dtype, overlap, **tiles)  # fmt: skip
-    if side is not None:
-        main.wait_stream(side)
-    return result
-
-
-def read_halves(
-    half_s: torch.Tensor,
-    half_idx: torch.Tensor,
-    ready: torch.Tensor,
-    half_rows: int,
-    n_keys: int,
-    values: torch.Tensor,
-    gate: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    wait: bool,
-    **tiles,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reader alone, on the current stream: (out, slots, weights) from both halves' picks
-    half_s / half_idx (2, N, H, topk); with ``wait`` each group of tokens first waits for
-    ready[its block of half_rows rows] to reach 2 * H, and a small grid of programs (``per_sm``
-    a multiprocessor) takes the groups in turn; otherwise one program a group, no waiting."""
-    _, N, H, topk = half_s.shape
-    D = values.shape[1]
-    t = dict(READER_TILES, **tiles)
-    device = values.device
-    out = torch.empty(N, D, dtype=out_dtype, device=device)
-    slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
-    weights = torch.empty(N, H, topk, dtype=torch.float32, device=device)
-    if N == 0:
-        return out, slots, weights
-    tok = max(1, min(t["tok"], max(1, 16 // H)))
-    while half_rows % tok:  # a group's tokens lie in one row block of the half kernel
-        tok -= 1
+    half_s, half_idx = half_topk(q1, q2, keys1, keys2, topk, ready=ready)
     if values.stride(1) != 1:
         values = values.contiguous()
     if gate is not None:
@@ -235,17 +206,20 @@ def read_halves(
     col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
     kp = _next_pow2(topk, 16)
     n_groups = triton.cdiv(N, tok)
-    grid = (min(n_groups, t["per_sm"] * _multiprocessors(device)),) if wait else (n_groups,)
+    grid = (min(n_groups, t["per_sm"] * _multiprocessors(device)),) if overlap else (n_groups,)
     block_d = min(t["block_d"], _next_pow2(D, 16))
     block_b = min(t["block_b"], _next_pow2(H * topk, 16))
-    LAUNCHED["reader"] = _lookup_read_kernel[grid](
-        half_s, half_idx, pair_a, pair_b, col0_id, rest_a, rest_b, rest_id, values,
-        out if gate is None else gate, out, slots, weights, ready, N, H, n_keys,
-        pair_a.numel(), n_rest, D, values.stride(0), n_groups,
-        K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16),
-        RP=_next_pow2(max(n_rest, kp), 16), SPLIT=True, TOK=tok,
-        BLOCK_R=_next_pow2(tok * H, 16), HALF_ROWS=half_rows, BLOCK_B=block_b,
-        BLOCK_D=block_d, STAGES=t["stages"], WAIT=wait, GATE=gate is not None,
-        num_warps=t["num_warps"],
-    )  # fmt: skip
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        LAUNCHED["reader"] = _lookup_read_kernel[grid](
+            half_s, half_idx, pair_a, pair_b, col0_id, rest_a, rest_b, rest_id, values,
+            out if gate is None else gate, out, slots, weights, ready, N, H, keys1.shape[1],
+            pair_a.numel(), n_rest, D, values.stride(0), n_groups,
+            K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16),
+            RP=_next_pow2(max(n_rest, kp), 16), SPLIT=True, TOK=tok,
+            BLOCK_R=_next_pow2(tok * H, 16), HALF_ROWS=half_rows, BLOCK_B=block_b,
+            BLOCK_D=block_d, STAGES=t["stages"], WAIT=overlap, GATE=gate is not None,
+            num_warps=t["num_warps"],
+        )  # fmt: skip
+    if side is not None:
+        main.wait_stream(side)
     return out, slots, weights

@@ -637,8 +637,9 @@ def half_topk(
     ready: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each half's sorted top-k sub-keys: (scores (2, N, H, topk) fp32, indices int32), by the
-    half kernel alone. With ``ready`` (int32, one per block of ``block_n`` rows, zeroed) the
-    programs run row block by row block and count each block's finished halves there, for a reader that waits on them (``triton_lookup``). Arguments as
+    half kernel alone. With ``ready`` (int32, one per block of ``half_block_rows(N)`` rows,
+    zeroed) the programs run row block by row block and count each block's finished halves
+    there, for a reader that waits on them (``triton_lookup``). Arguments as
     ``product_key_topk_forward``'s."""
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -655,6 +656,8 @@ def half_topk(
     kp = _next_pow2(topk, 16)  # the sort networks need powers of two
     tiles = _default_tiles(N)
     block_n = block_n or tiles["block_n"]
+    if ready is not None and block_n != half_block_rows(N):
+        raise ValueError(f"ready counts blocks of {half_block_rows(N)} rows, not {block_n}")
     block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
     half_p2 = _next_pow2(half, 16)
