@@ -702,141 +702,6 @@ def gpu_bench(args) -> None:
         )
 
 
-# the pipelined read's reader tiles (``triton_lookup.READER_TILES`` keys), swept by --lookup
-LOOKUP_VARIANTS = [
-    dict(per_sm=1),
-    dict(per_sm=3),
-    dict(per_sm=4),
-    dict(per_sm=6),
-    dict(num_warps=2, per_sm=2),
-    dict(num_warps=2, per_sm=4),
-    dict(num_warps=2, per_sm=6),
-    dict(num_warps=1, per_sm=4),
-    dict(num_warps=1, per_sm=8),
-    dict(stages=2),
-    dict(stages=3),
-    dict(num_warps=2, per_sm=4, stages=3),
-    dict(block_b=32),
-    dict(num_warps=2, per_sm=4, block_b=8),
-    dict(tok=1, per_sm=4),
-    dict(block_d=512, num_warps=2, per_sm=4),
-]
-
-
-def bench_lookup(args) -> None:
-    """The layer's read without autograd (serving): the pipelined lookup_read (top-k beside the
-    bag gather) against the same kernels one after the other, its reader's tiles, and the whole
-    layer forward against the dense FFN."""
-    from memslot.kernels import triton_bag, triton_lookup, triton_topk
-
-    check(kernels_cuda.register(), "Triton backend registered for CUDA")
-    dev = torch.device("cuda")
-    dt = torch.bfloat16
-    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
-    props = torch.cuda.get_device_properties(dev)
-    print(
-        f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
-        f"triton {__import__('triton').__version__}; tokens {N}, dim {D}, heads {H}, top-{K}, "
-        f"k_dim {KD}, {dt}",
-        flush=True,
-    )
-    copy_tbs, copy_ms = copy_rate(dev)
-    row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
-    ffn = SwiGLU(D).to(dev, dt)
-    x = torch.randn(1, N, D, device=dev, dtype=dt)
-    with torch.no_grad():
-        ffn_fwd = bench_ms(lambda: ffn(x))
-    row(f"dense SwiGLU FFN forward, d {D}, hidden {4 * D}", ffn_fwd)
-    layer_fwd = {}
-    for n_keys in args.n_keys:
-        cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
-        torch.manual_seed(0)
-        layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
-        table = torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02
-        with torch.no_grad():
-            q, k1, k2 = layer.queries(x)
-            gate = layer.gate(x).reshape(N, D)
-        nw = layer.query_norm_weight.detach()
-
-        def read(nw=nw, q=q, k1=k1, k2=k2, gate=gate, table=table, **kw):
-            return triton_lookup.lookup_read(q, k1, k2, K, nw, table, gate, dt, **kw)
-
-        def one_after_another(nw=nw, q=q, k1=k1, k2=k2, gate=gate, table=table):
-            scores, slots = triton_topk.query_topk(q, k1, k2, K, nw)
-            w = torch.softmax(scores, -1)
-            out = triton_bag.embedding_bag(table, slots.flatten(1), w.flatten(1), False, dt, gate)
-            return out, slots, w
-
-        with torch.no_grad():
-            serial = read(overlap=False)
-            piped = read()
-            old = one_after_another()
-        same = all(torch.equal(a, b) for a, b in zip(serial, piped, strict=True))
-        check(same, f"pipelined read equals the unpipelined one bit for bit, n_keys {n_keys}")
-        check(torch.equal(piped[1], old[1]), f"pipelined read's slots equal top-k's, {n_keys}")
-        err = rel_err(piped[0], old[0])
-        check(err < 1e-2, f"pipelined read's output vs top-k, softmax, bag ({err:.1e})")
-        print(f"    half kernel: {registers()}")
-        kernel = triton_lookup.LAUNCHED.get("reader")
-        if kernel is not None:
-            print(f"    reader: {kernel.n_regs} registers, {kernel.metadata.shared} B shared")
-        with torch.no_grad():
-            t_old = bench_ms(one_after_another)
-            t_serial = bench_ms(lambda: read(overlap=False))
-            t_piped = bench_ms(read)
-        row(f"  read, {cfg.n_slots:,} slots: top-k, softmax, gated bag one after another", t_old)
-        row(f"  read, {cfg.n_slots:,} slots: lookup_read, reader after the top-k", t_serial)
-        row(f"  read, {cfg.n_slots:,} slots: lookup_read pipelined (default)", t_piped)
-        if args.sweep and n_keys == args.n_keys[0]:
-            for v in LOOKUP_VARIANTS:
-                with torch.no_grad():
-                    got = read(**v)
-                ok = all(torch.equal(a, b) for a, b in zip(serial, got, strict=True))
-                check(ok, f"reader tiles {v}: the same bits")
-                kernel = triton_lookup.LAUNCHED["reader"]
-                with torch.no_grad():
-                    ms = bench_ms(lambda v=v: read(**v))
-                print(
-                    f"    reader {v}: {ms:.3f} ms ({kernel.n_regs} registers, "
-                    f"{kernel.metadata.shared} B shared)",
-                    flush=True,
-                )
-
-        def fwd(layer=layer, table=table):
-            with torch.no_grad():
-                return layer(x, table)[0]
-
-        def fwd_before(layer=layer, table=table):  # lookup, then read: the path with autograd
-            with torch.no_grad():
-                slots, w = layer.lookup(x)
-                return layer.read(x, table, slots, w)
-
-        check(rel_err(fwd(), fwd_before()) < 1e-2, f"layer forward, {n_keys}: both paths agree")
-        layer_fwd[n_keys] = t = bench_ms(fwd)
-        t_before = bench_ms(fwd_before)
-        row(
-            f"Memory+ layer forward, {cfg.n_slots:,} slots",
-            t,
-            "",
-            f"{t / ffn_fwd:.2f}x FFN; lookup then read {t_before:.3f} ms "
-            f"({t_before / ffn_fwd:.2f}x)",
-        )
-        if args.profile and n_keys == args.n_keys[0]:
-            profile("layer forward", fwd)
-        del layer, table, q, k1, k2, gate
-        torch.cuda.empty_cache()
-    if len(args.n_keys) > 1:
-        a, b = args.n_keys[0], args.n_keys[-1]
-        ROWS.append(
-            (
-                f"layer forward {b * b:,} slots / {a * a:,} slots",
-                f"{layer_fwd[b] / layer_fwd[a]:.2f}x",
-                "",
-                "target <= 1.3x",
-            )
-        )
-
-
 def profile(what: str, fn, reps: int = 5) -> None:
     """Device time per kernel over ``reps`` calls of fn (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity
@@ -927,17 +792,9 @@ def main() -> None:
     p.add_argument(
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )
-    p.add_argument(
-        "--lookup", action="store_true", help="only the layer's read without autograd (serving)"
-    )
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
-        if args.bag_backward:
-            bench_bag_backward(args)
-        elif args.lookup:
-            bench_lookup(args)
-        else:
-            gpu_bench(args)
+        bench_bag_backward(args) if args.bag_backward else gpu_bench(args)
     else:
         cpu_bench(args)
     print("\n| measurement | time | rate | notes |\n|---|---|---|---|")

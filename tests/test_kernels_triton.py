@@ -13,7 +13,7 @@ if not CUDA:
 pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
 
 from memslot import kernels  # noqa: E402
-from memslot.kernels import reference, triton_bag, triton_lookup, triton_topk  # noqa: E402
+from memslot.kernels import reference, triton_bag, triton_topk  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # the interpreter runs every program in Python: keep CPU shapes tiny, use real sizes on a GPU
@@ -436,7 +436,6 @@ def triton_backend_on_this_device():
         query_topk=triton_topk.query_topk,
         product_key_topk=triton_topk.product_key_topk,
         embedding_bag=triton_bag.embedding_bag,
-        lookup_read=triton_lookup.lookup_read,
     )
     yield
     kernels._BACKENDS.pop(DEVICE, None)
@@ -480,113 +479,6 @@ def test_memory_layer_trains_through_the_kernels_like_the_reference(
         torch.testing.assert_close(fast[4][name], slow[4][name], atol=1e-4, rtol=1e-4)
 
 
-LOOKUP_CASES = [  # n, heads, n_keys, half, topk, dim
-    (9 * BIG, 2, 16, 8, 4, 65),
-    (5, 1, 6, 3, 1, 1),  # k = 1, value dim 1, n_keys and half not powers of two
-    (7 * BIG, 4, 40, 16, 9, 33),  # four heads: four tokens a group of the reader
-    (3, 3, 64, 8, 32, 4096),  # value dim over one tile of the reader
-]
-
-
-def lookup_inputs(n, heads, n_keys, half, dim, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, heads, 2 * half, generator=g)
-    k1, k2 = (torch.randn(heads, n_keys, half, generator=g) for _ in range(2))
-    norm = torch.rand(2, half, generator=g) + 0.5
-    values = torch.randn(n_keys * n_keys, dim, generator=g)
-    gate = torch.randn(n, dim, generator=g)
-    return [t.to(DEVICE, dtype) for t in (q, k1, k2, norm, values, gate)]
-
-
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("n,heads,n_keys,half,topk,dim", LOOKUP_CASES)
-def test_lookup_read_equals_top_k_softmax_and_bag_one_after_another(
-    n, heads, n_keys, half, topk, dim, gated
-):
-    q, k1, k2, norm, values, gate = lookup_inputs(n, heads, n_keys, half, dim, torch.float32, n)
-    gate = gate if gated else None
-    scores, want_slots = triton_topk.query_topk(q, k1, k2, topk, norm)
-    want_w = torch.softmax(scores, -1)
-    want = triton_bag.embedding_bag(values, want_slots.flatten(1), want_w.flatten(1), False,
-                                    torch.float32, gate)  # fmt: skip
-    ref = reference.embedding_bag(values, want_slots.flatten(1), want_w.flatten(1), False,
-                                  torch.float32, gate)  # fmt: skip
-    torch.testing.assert_close(want, ref, atol=1e-5, rtol=1e-5)
-    runs = {}
-    for overlap in (False, True):  # waiting on the half kernel's counters, or launched after it
-        out, slots, w = triton_lookup.lookup_read(
-            q, k1, k2, topk, norm, values, gate, torch.float32, overlap=overlap
-        )
-        assert torch.equal(slots, want_slots)
-        torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-        runs[overlap] = (out, slots, w)
-    for a, b in zip(runs[False], runs[True], strict=True):
-        assert torch.equal(a, b)  # the same bits either way
-
-
-@pytest.mark.parametrize("tok,block_b,block_d", [(1, 16, 16), (3, 32, 64), (2, 16, 1024)])
-def test_lookup_read_tiles_give_the_same_bits(tok, block_b, block_d):
-    q, k1, k2, norm, values, gate = lookup_inputs(11, 2, 16, 8, 40, torch.float32, 3)
-    base = triton_lookup.lookup_read(q, k1, k2, 4, norm, values, gate, torch.float32)
-    # per_sm 1: a few programs each take several groups in turn
-    other = triton_lookup.lookup_read(
-        q, k1, k2, 4, norm, values, gate, torch.float32, tok=tok, block_b=block_b,
-        block_d=block_d, per_sm=1,
-    )  # fmt: skip
-    assert torch.equal(base[1], other[1]) and torch.equal(base[2], other[2])
-    torch.testing.assert_close(other[0], base[0], atol=1e-6, rtol=1e-6)
-
-
-def test_lookup_read_in_bf16_is_as_close_to_fp32_as_the_reference_path():
-    q, k1, k2, norm, values, gate = lookup_inputs(16 * BIG, 2, 32, 16, 96, torch.bfloat16, 8)
-    out, slots, _ = triton_lookup.lookup_read(q, k1, k2, 8, norm, values, gate, torch.bfloat16)
-    ref16, _, _ = composed_lookup(q, k1, k2, 8, norm, values, gate, torch.bfloat16)
-    ref32, slots32, _ = composed_lookup(
-        *(t.float() for t in (q, k1, k2)), 8, norm.float(), values.float(), gate.float(),
-        torch.float32,
-    )  # fmt: skip
-    assert out.dtype == torch.bfloat16 and slots.shape == (16 * BIG, 2, 8)
-    same = (slots.sort(-1).values == slots32.sort(-1).values).float().mean().item()
-    assert same > 0.97  # bf16 queries may swap near-ties
-    assert rel_err(out.float(), ref32) <= 1.5 * rel_err(ref16.float(), ref32) + 1e-3
-
-
-def composed_lookup(*args):
-    """kernels.lookup_read on the reference: query_topk, softmax, then the bag."""
-    backend = kernels._BACKENDS.pop(DEVICE, None)
-    try:
-        return kernels.lookup_read(*args)
-    finally:
-        if backend:
-            kernels.register_backend(DEVICE, **backend)
-
-
-def test_lookup_read_on_an_empty_batch():
-    q, k1, k2, norm, values, gate = lookup_inputs(0, 2, 16, 4, 8, torch.float32, 0)
-    out, slots, w = triton_lookup.lookup_read(q, k1, k2, 3, norm, values, gate, torch.float32)
-    assert out.shape == (0, 8) and slots.shape == (0, 2, 3) and w.shape == (0, 2, 3)
-    with pytest.raises(ValueError, match="topk must be in"):
-        triton_lookup.lookup_read(q, k1, k2, 17, norm, values, gate, torch.float32)
-
-
-def test_memory_layer_serves_without_autograd_as_it_trains(triton_backend_on_this_device):
-    from memslot.model.config import MemoryConfig
-    from memslot.model.memory import ProductKeyMemory
-
-    torch.manual_seed(1)
-    cfg = MemoryConfig(n_keys=16, heads=2, topk=4, k_dim=16, layers=(0,))
-    layer = ProductKeyMemory(32, 24, cfg, 0).to(DEVICE)
-    x = torch.randn(2, 5 * BIG, 32, device=DEVICE)
-    values = torch.randn(cfg.n_slots, 24, device=DEVICE)
-    y_train, lookup_train = layer(x, values)  # lookup, then read, with autograd
-    with torch.no_grad():
-        y_serve, lookup_serve = layer(x, values)  # kernels.lookup_read
-    assert torch.equal(lookup_serve.slots, lookup_train.slots)
-    torch.testing.assert_close(lookup_serve.weights, lookup_train.weights, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(y_serve, y_train.detach(), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_tensors_are_routed_to_the_triton_kernels():
     if os.environ.get("MEMSLOT_KERNELS", "").lower() == "reference":
@@ -595,7 +487,6 @@ def test_cuda_tensors_are_routed_to_the_triton_kernels():
     assert kernels._pick("embedding_bag", probe) is triton_bag.embedding_bag
     assert kernels._pick("product_key_topk", probe) is triton_topk.product_key_topk
     assert kernels._pick("query_topk", probe) is triton_topk.query_topk
-    assert kernels._pick("lookup_read", probe) is triton_lookup.lookup_read
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
 """The one dispatch point for memory-layer kernels.
 
 The model calls ``query_topk`` (``product_key_topk`` of a query's two halves, qk-norm included)
-and ``embedding_bag`` from here, and ``lookup_read`` (both, with the softmax between) when no
-gradient is needed. Tensors on CUDA go to the Triton kernels when a backend has
+and ``embedding_bag`` from here. Tensors on CUDA go to the Triton kernels when a backend has
 been registered for them; everything else runs the pure-PyTorch reference in ``reference.py``,
 which is also the oracle the fast kernels are tested against.
 """
@@ -15,8 +14,8 @@ import torch
 
 from memslot.kernels import reference
 
-# device type -> {"query_topk": fn, "product_key_topk": fn, "embedding_bag": fn,
-# "lookup_read": fn}; filled by optional backends.
+# device type -> {"query_topk": fn, "product_key_topk": fn, "embedding_bag": fn}; filled by
+# optional backends.
 _BACKENDS: dict[str, dict[str, Callable]] = {}
 
 
@@ -68,30 +67,6 @@ def embedding_bag(
             values, indices, weights, sparse_grad, out_dtype, gate
         )
     return _pick("embedding_bag", values)(values, indices, weights, sparse_grad, out_dtype, gate)
-
-
-def lookup_read(
-    q: torch.Tensor,
-    keys1: torch.Tensor,
-    keys2: torch.Tensor,
-    topk: int,
-    norm_weight: torch.Tensor | None,
-    values: torch.Tensor,
-    gate: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The memory layer's read without autograd: (out (N, Dv) in ``out_dtype``, slots
-    (N, H, topk) int64, weights (N, H, topk) fp32), where slots and scores are ``query_topk``'s,
-    weights their softmax in fp32 and out the bag of those rows, gated by silu(gate) when given.
-    A backend may run it as one pipeline (on CUDA the bag gather beside the top-k); otherwise it
-    is exactly those three calls."""
-    fast = _BACKENDS.get(q.device.type, {}).get("lookup_read")
-    if fast is not None:
-        return fast(q, keys1, keys2, topk, norm_weight, values, gate, out_dtype)
-    scores, slots = query_topk(q, keys1, keys2, topk, norm_weight)
-    weights = torch.softmax(scores.float(), dim=-1)  # fp32, as the paper prescribes
-    out = embedding_bag(values, slots.flatten(1), weights.flatten(1), False, out_dtype, gate)
-    return out, slots, weights
 
 
 def _register_optional_backends() -> None:

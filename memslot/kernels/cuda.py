@@ -27,14 +27,13 @@ def register() -> bool:
         return False
     if not torch.cuda.is_available() or not triton_available():
         return False
-    from memslot.kernels import register_backend, triton_bag, triton_lookup, triton_topk
+    from memslot.kernels import register_backend, triton_bag, triton_topk
 
     register_backend(
         "cuda",
         query_topk=triton_topk.query_topk,
         product_key_topk=triton_topk.product_key_topk,
         embedding_bag=triton_bag.embedding_bag,
-        lookup_read=triton_lookup.lookup_read,
     )
     return True
 

@@ -271,8 +271,6 @@ def _half_topk_kernel(
     STOP: tl.constexpr,
     SAVE_Q: tl.constexpr = False,
     SCAN: tl.constexpr = 0,
-    ready_ptr=None,
-    SIGNAL: tl.constexpr = False,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
     half_s / half_i (2, N, H, K).
@@ -290,19 +288,9 @@ def _half_topk_kernel(
     (exact either way, only slower).
     With SAVE_Q the query rows are written to qn (2, H, N, half) for the backward.
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
-
-    With SIGNAL the grid is (2 * H, row blocks), so programs start row block by row block, and
-    each adds one to ready[row block] once its picks are stored (a release: the pipelined
-    lookup's reader waits for 2 * H); otherwise (row blocks, H, 2).
     """
-    if SIGNAL:
-        h = tl.program_id(0) // 2
-        which = tl.program_id(0) % 2  # 0: first half, 1: second half
-        rb = tl.program_id(1)
-    else:
-        h = tl.program_id(1)
-        which = tl.program_id(2)
-        rb = tl.program_id(0)
+    h = tl.program_id(1)
+    which = tl.program_id(2)  # 0: first half, 1: second half
     if which == 0:
         q_ptr = q1_ptr + h * stride_q1h
         stride_qn = stride_q1n
@@ -313,7 +301,7 @@ def _half_topk_kernel(
         stride_qn = stride_q2n
         keys_ptr = k2_ptr + h * stride_k2h
         stride_kk = stride_k2k
-    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     d = tl.arange(0, HALF_P2)
     q = tl.load(
@@ -372,7 +360,7 @@ def _half_topk_kernel(
                 tl.debug_barrier()
                 wslot = tl.arange(0, WIDE)
                 for r0 in range(0, BLOCK_N, SUB):
-                    srows = rb * BLOCK_N + r0 + tl.arange(0, SUB)
+                    srows = tl.program_id(0) * BLOCK_N + r0 + tl.arange(0, SUB)
                     smask = srows < N
                     scount = tl.load(counts + srows, mask=smask, other=0)
                     valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
@@ -391,9 +379,6 @@ def _half_topk_kernel(
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
                                      BLOCK_C, EVEN, IEEE)  # fmt: skip
             _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, best)
-    if SIGNAL:
-        tl.debug_barrier()  # every thread's picks stored before the release
-        tl.atomic_add(ready_ptr + rb, 1, sem="release")
 
 
 @triton.jit
@@ -420,32 +405,31 @@ def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl
 
 
 @triton.jit
-def _combine_rows(
+def _combine_kernel(
     half_s_ptr,
     half_i_ptr,
     pair_a_ptr,
     pair_b_ptr,
-    rows,
-    row_mask,
+    scores_ptr,
+    slots_ptr,
+    pair_rank_ptr,
     R,
     n_keys,
     n_pairs,
-    col0_id_ptr,
-    rest_a_ptr,
-    rest_b_ptr,
-    rest_id_ptr,
-    n_rest,
     K: tl.constexpr,
     KP: tl.constexpr,
     CP: tl.constexpr,
-    SPLIT: tl.constexpr,
-    RP: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr,
+    col0_id_ptr=None,
+    rest_a_ptr=None,
+    rest_b_ptr=None,
+    rest_id_ptr=None,
+    n_rest=0,
+    SPLIT: tl.constexpr = False,
+    RP: tl.constexpr = 16,
 ):
-    """Top-K of the k x k sums for the (token, head) rows ``rows`` (BLOCK_R of them), from both
-    halves' sorted top-K in half_s / half_i (2, R, K): (scores (BLOCK_R, KP) fp32 descending,
-    slots int64, the half-ranks a and b of each pick). Loads bypass L1 (``.cg``): the halves may
-    have just been written by another program (the pipelined lookup).
+    """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K.
 
     The sums are never all formed: with both halves in descending order, the pair of half-ranks
     (a, b) is dominated by every (a' <= a, b' <= b), so only the n_pairs pairs with
@@ -456,13 +440,15 @@ def _combine_rows(
     K = 32) go through a top-K network; two bitonic merges give the top K of the three. Each
     candidate keeps its place in the full pair list as its index, so ties rank as without SPLIT.
     """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
     kcol = tl.arange(0, KP)
     off = rows[:, None] * K + kcol[None, :]
     mask = row_mask[:, None] & (kcol[None, :] < K)
-    t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    i1 = tl.load(half_i_ptr + off, mask=mask, other=0, cache_modifier=".cg")
-    i2 = tl.load(half_i_ptr + R * K + off, mask=mask, other=0, cache_modifier=".cg")
+    t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"))
+    t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"))
+    i1 = tl.load(half_i_ptr + off, mask=mask, other=0)
+    i2 = tl.load(half_i_ptr + R * K + off, mask=mask, other=0)
 
     pcol = tl.arange(0, CP)
     p_mask = pcol < n_pairs
@@ -502,45 +488,6 @@ def _combine_rows(
     out_pa = tl.gather(pa, pick, axis=1)
     out_pb = tl.gather(pb, pick, axis=1)
     out_slot = tl.gather(i1, out_pa, axis=1).to(tl.int64) * n_keys + tl.gather(i2, out_pb, axis=1)
-    return out_s, out_slot, out_pa, out_pb
-
-
-@triton.jit
-def _combine_kernel(
-    half_s_ptr,
-    half_i_ptr,
-    pair_a_ptr,
-    pair_b_ptr,
-    scores_ptr,
-    slots_ptr,
-    pair_rank_ptr,
-    R,
-    n_keys,
-    n_pairs,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    CP: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    SAVE_FOR_BACKWARD: tl.constexpr,
-    col0_id_ptr=None,
-    rest_a_ptr=None,
-    rest_b_ptr=None,
-    rest_id_ptr=None,
-    n_rest=0,
-    SPLIT: tl.constexpr = False,
-    RP: tl.constexpr = 16,
-):
-    """Top-K of the k x k sums for BLOCK_R (token, head) rows (``_combine_rows``) into scores
-    and slots (R, K), with SAVE_FOR_BACKWARD the half-ranks of each pick into pair_rank."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    out_s, out_slot, out_pa, out_pb = _combine_rows(
-        half_s_ptr, half_i_ptr, pair_a_ptr, pair_b_ptr, rows, row_mask, R, n_keys, n_pairs,
-        col0_id_ptr, rest_a_ptr, rest_b_ptr, rest_id_ptr, n_rest, K, KP, CP, SPLIT, RP, BLOCK_R,
-    )  # fmt: skip
-    kcol = tl.arange(0, KP)
-    off = rows[:, None] * K + kcol[None, :]
-    mask = row_mask[:, None] & (kcol[None, :] < K)
     tl.store(scores_ptr + off, out_s.to(scores_ptr.dtype.element_ty), mask=mask)
     tl.store(slots_ptr + off, out_slot, mask=mask)
     if SAVE_FOR_BACKWARD:  # (2, N, H, K): which half-rank each pick combined
@@ -618,80 +565,6 @@ def _default_tiles(N: int) -> dict:
     return dict(tiles, scan=scan, wide=128, split=True)
 
 
-def half_topk(
-    q1: torch.Tensor,
-    q2: torch.Tensor,
-    keys1: torch.Tensor,
-    keys2: torch.Tensor,
-    topk: int,
-    block_n: int | None = None,
-    block_c: int | None = None,
-    num_warps: int | None = None,
-    cap: int | None = None,
-    num_stages: int | None = None,
-    bisect: int | None = None,
-    stop: int = 0,
-    scan: int | None = None,
-    wide: int | None = None,
-    normed_out: torch.Tensor | None = None,
-    ready: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each half's sorted top-k sub-keys: (scores (2, N, H, topk) fp32, indices int32), by the
-    half kernel alone. With ``ready`` (int32, one per block of ``half_block_rows(N)`` rows,
-    zeroed) the programs run row block by row block and count each block's finished halves
-    there, for a reader that waits on them (``triton_lookup``). Arguments as
-    ``product_key_topk_forward``'s."""
-    N, H, half = q1.shape
-    n_keys = keys1.shape[1]
-    if topk < 1 or topk > n_keys:
-        raise ValueError(f"topk must be in [1, n_keys={n_keys}], got {topk}")
-    q1, q2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q1, q2))
-    keys1, keys2 = (t.to(q1.dtype) for t in (keys1, keys2))
-    keys1, keys2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys1, keys2))
-    device = q1.device
-    half_s = torch.empty(2, N, H, topk, dtype=torch.float32, device=device)
-    half_idx = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
-    if N == 0:
-        return half_s, half_idx
-    kp = _next_pow2(topk, 16)  # the sort networks need powers of two
-    tiles = _default_tiles(N)
-    block_n = block_n or tiles["block_n"]
-    if ready is not None and block_n != half_block_rows(N):
-        raise ValueError(f"ready counts blocks of {half_block_rows(N)} rows, not {block_n}")
-    block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
-    cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
-    half_p2 = _next_pow2(half, 16)
-    # candidate places per row in scratch: a block with a row of more than cap (but at most
-    # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
-    wide = max(cap, _next_pow2(wide or tiles["wide"]))
-    sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
-    scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
-    counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
-    blocks = triton.cdiv(N, block_n)
-    grid = (blocks, H, 2) if ready is None else (2 * H, blocks)
-    LAUNCHED["half"] = _half_topk_kernel[grid](
-        q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
-        half_idx, N, H, n_keys, half,
-        q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
-        keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
-        # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
-        K=topk, KP=kp, CAP=cap, WIDE=wide, SUB=sub, HALF_P2=half_p2, BLOCK_N=block_n,
-        BLOCK_C=block_c,
-        BISECT=tiles["bisect"] if bisect is None else bisect,
-        EVEN=n_keys % block_c == 0 and half == half_p2,
-        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
-        SCAN=tiles["scan"] if scan is None else scan,
-        SAVE_Q=normed_out is not None, ready_ptr=ready, SIGNAL=ready is not None,
-        num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
-    )  # fmt: skip
-    return half_s, half_idx
-
-
-def half_block_rows(N: int) -> int:
-    """Rows (tokens) a program of the half kernel takes by default for N tokens."""
-    return _default_tiles(N)["block_n"]
-
-
 def product_key_topk_forward(
     q1: torch.Tensor,
     q2: torch.Tensor,
@@ -727,22 +600,49 @@ def product_key_topk_forward(
     and returns garbage (timing).
     """
     N, H, half = q1.shape
+    n_keys = keys1.shape[1]
+    if topk < 1 or topk > n_keys:
+        raise ValueError(f"topk must be in [1, n_keys={n_keys}], got {topk}")
+    q1, q2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q1, q2))
+    keys1, keys2 = (t.to(q1.dtype) for t in (keys1, keys2))
+    keys1, keys2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys1, keys2))
     device = q1.device
     scores = torch.empty(N, H, topk, dtype=torch.float32, device=device)
     slots = torch.empty(N, H, topk, dtype=torch.int64, device=device)
+    half_s = torch.empty(2, N, H, topk, dtype=torch.float32, device=device)
+    half_idx = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
     pair_rank = torch.empty(2, N, H, topk, dtype=torch.int32, device=device)
-    half_s, half_idx = half_topk(
-        q1, q2, keys1, keys2, topk, block_n=block_n, block_c=block_c, num_warps=num_warps,
-        cap=cap, num_stages=num_stages, bisect=bisect, stop=stop, scan=scan, wide=wide,
-        normed_out=normed_out,
-    )  # fmt: skip
     if N == 0:
         return (scores, slots) + ((half_idx, pair_rank) if save_for_backward else (None, None))
+    kp = _next_pow2(topk, 16)  # the sort networks need powers of two
+    tiles = _default_tiles(N)
+    block_n = block_n or tiles["block_n"]
+    block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
+    cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
+    half_p2 = _next_pow2(half, 16)
+    # candidate places per row in scratch: a block with a row of more than cap (but at most
+    # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
+    wide = max(cap, _next_pow2(wide or tiles["wide"]))
+    sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
+    scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
+    counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
+    LAUNCHED["half"] = _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
+        q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
+        half_idx, N, H, n_keys, half,
+        q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
+        keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
+        # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
+        K=topk, KP=kp, CAP=cap, WIDE=wide, SUB=sub, HALF_P2=half_p2, BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        BISECT=tiles["bisect"] if bisect is None else bisect,
+        EVEN=n_keys % block_c == 0 and half == half_p2,
+        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
+        SCAN=tiles["scan"] if scan is None else scan,
+        SAVE_Q=normed_out is not None,
+        num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
+    )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
-    n_keys = keys1.shape[1]
-    kp = _next_pow2(topk, 16)
-    tiles = _default_tiles(N)
     pair_a, pair_b = _candidate_pairs(topk, device)
     split = tiles["split"] if split is None else split
     col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)

@@ -70,26 +70,21 @@ class ProductKeyMemory(nn.Module):
         self.gate = nn.Linear(d_model, value_dim, bias=False)
         self.out = nn.Linear(value_dim, d_model, bias=False)
 
-    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The queries (N, H, k_dim) of inputs x (..., D) and the sub-keys (H, n_keys, k_dim/2)
-        of each half, normalised when the layer uses qk-norm."""
-        cfg = self.cfg
-        q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
-        keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
-        if cfg.qk_norm:
-            keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
-        return q, keys1, keys2
-
     def lookup(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots and softmax weights read for each token: ((N, H, k) int64, (N, H, k) fp32).
 
         ``topk`` overrides the configured k (the editor reads wider than the model serves).
         """
-        q, keys1, keys2 = self.queries(x)
+        cfg = self.cfg
+        topk = topk or cfg.topk
+        q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
+        keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
+        if cfg.qk_norm:
+            keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
         # scores, slots (N, H, k) of q's halves, each rms-normalised by query_norm_weight first
         # (on CUDA inside the top-k kernel, which reads the strided halves in place)
         norm_weight = self.query_norm_weight
-        scores, slots = kernels.query_topk(q, keys1, keys2, topk or self.cfg.topk, norm_weight)
+        scores, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight)
         weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
         return slots, weights
 
@@ -121,16 +116,7 @@ class ProductKeyMemory(nn.Module):
         topk: int | None = None,
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
-        if torch.is_grad_enabled() or not isinstance(values, torch.Tensor):
-            slots, weights = self.lookup(x, topk)  # (N, H, k)
-            y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
-        else:  # serving: lookup and read as one call (on CUDA the gather runs beside the top-k)
-            q, keys1, keys2 = self.queries(x)
-            gate = self.gate(x).reshape(q.shape[0], -1)  # (N, Dv)
-            memory, slots, weights = kernels.lookup_read(
-                q, keys1, keys2, topk or self.cfg.topk, self.query_norm_weight, values, gate,
-                x.dtype,
-            )  # fmt: skip
-            y = self.out(memory).view(B, T, -1)
+        slots, weights = self.lookup(x, topk)  # (N, H, k)
+        y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))
