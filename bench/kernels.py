@@ -604,6 +604,39 @@ def bench_bag_backward(args) -> None:
     triton_bag.WALK_BACKWARD = kept
 
 
+def bench_gather_rates(args) -> None:
+    """How fast rows can be gathered from where they live (``--gather-rates``): the bag forward
+    from bf16 tables of 16K rows (32 MB: in L2, like the grad_out rows the bag backward reads
+    once a pair) up to 1M rows (2 GB: from DRAM), against the copy rate."""
+    from memslot.kernels import triton_bag
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    N, D, B = args.tokens, args.dim, args.heads * args.topk
+    props = torch.cuda.get_device_properties(dev)
+    print(f"device {props.name}, L2 {props.L2_cache_size / 2**20:.0f} MiB", flush=True)
+    copy_tbs, copy_ms = copy_rate(dev)
+    row("device copy 1 GiB -> 1 GiB", copy_ms, f"{copy_tbs:.2f} TB/s", "copy rate (read+write)")
+    g = torch.Generator(device=dev).manual_seed(0)
+    weights = torch.rand(N, B, device=dev, generator=g)
+    for rows in (16384, 65536, 262144, 1 << 20):
+        table = torch.randn(rows, D, device=dev, generator=g).to(dt)
+        idx = torch.randint(0, rows, (N, B), device=dev, generator=g)
+        out = triton_bag.embedding_bag_forward(table, idx, weights, dt)
+        want = reference.embedding_bag_forward(table.float(), idx, weights, torch.float32)
+        check(rel_err(out, want) < 1e-2, f"bag forward from {rows:,} rows")
+        ms = bench_ms(lambda table=table, idx=idx: triton_bag.embedding_bag_forward(
+            table, idx, weights, dt))  # fmt: skip
+        tbs = (N * B * D + N * D) * table.element_size() / ms / 1e9
+        row(
+            f"bag forward gathering from {rows:,} x {D} bf16 rows ({rows * D * 2 / 2**20:.0f} MiB)",
+            ms,
+            f"{tbs:.2f} TB/s",
+            f"{100 * tbs / copy_tbs:.0f}% of copy",
+        )
+        del table, idx
+        torch.cuda.empty_cache()
+
+
 def gpu_bench(args) -> None:
     cuda = kernels_cuda
 
@@ -792,9 +825,19 @@ def main() -> None:
     p.add_argument(
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )
+    p.add_argument(
+        "--gather-rates",
+        action="store_true",
+        help="only the bag forward from small to large tables",
+    )
     args = p.parse_args()
     if torch.cuda.is_available() and kernels_cuda.triton_available():
-        bench_bag_backward(args) if args.bag_backward else gpu_bench(args)
+        if args.bag_backward:
+            bench_bag_backward(args)
+        elif args.gather_rates:
+            bench_gather_rates(args)
+        else:
+            gpu_bench(args)
     else:
         cpu_bench(args)
     print("\n| measurement | time | rate | notes |\n|---|---|---|---|")
