@@ -75,6 +75,32 @@ def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many(wide, 
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
+@pytest.mark.parametrize(
+    "n,heads,n_keys,half,topk,tiles",
+    [
+        (20 * BIG, 2, 32, 8, 4, {}),
+        (7, 3, 40, 16, 9, {}),
+        (6, 2, 300, 8, 16, dict(block_c=16, cap=16, wide=16)),  # every block rescans the keys
+        (6, 2, 300, 8, 16, dict(block_c=16, cap=16, wide=256)),  # ranked from the wide places
+    ],
+)
+def test_ranking_in_the_half_or_the_combine_kernel_gives_the_same_bits(
+    n, heads, n_keys, half, topk, tiles
+):
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=n * heads)
+    here, there = (
+        triton_topk.product_key_topk_forward(
+            q1, q2, k1, k2, topk, save_for_backward=True, later=later, **tiles
+        )
+        for later in (False, True)
+    )
+    for a, b in zip(here, there, strict=True):  # scores, slots, half indices, pair ranks
+        assert torch.equal(a, b)
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    torch.testing.assert_close(there[0], want_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(there[1].sort(-1).values, want_slots.sort(-1).values)
+
+
 @pytest.mark.parametrize("bisect", [0, 3, 12])
 def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
     # a sorted bound (0) or bisection (few steps: a looser bound, more candidates, fallbacks):

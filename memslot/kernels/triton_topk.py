@@ -6,18 +6,21 @@ product per chunk (the key loads pipelined two stages deep), twice: the first pa
 of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a bisection on
 those maxima gives a value that K of them reach: a lower bound on the K-th best score. The
 second compacts the few scores at or above it (about 43 of 1,024 on random keys) into a small
-per-row scratch list (each as its fp32 bits and index in one int64), which one bitonic top-k
-(``tl.topk`` on (score, index) int64 keys ordered as the scores, made from the candidates kept)
-ranks. Each candidate's place is its row's count so far plus a matrix product of the chunk's
-kept mask with the strict upper triangle, and the candidates are stored by inline PTX in the
-matrix product's own register layout (a plain ``tl.store`` first moves the tile, its pointers
-and its mask to another layout through shared memory). A block with a row of more than CAP
-candidates ranks them from WIDE places, SUB rows at a time; past WIDE it falls back to a top-k
-network over every chunk. Neither the scores nor the k x k sums reach global memory; each
-half's sorted top-k does (16 bytes a pick).
+per-row scratch list (each as its fp32 bits and index in one int64). Each candidate's place is
+its row's count so far plus a matrix product of the chunk's kept mask with the strict upper
+triangle, and the candidates are stored by inline PTX in the matrix product's own register
+layout (a plain ``tl.store`` first moves the tile, its pointers and its mask to another layout
+through shared memory). One bitonic top-k (``tl.topk`` on (score, index) int64 keys ordered as
+the scores, made from the candidates kept) ranks each row's list: by default in the combine
+kernel, whose small programs hide the sort network's latency better than the half kernel's two
+a multiprocessor. A block with a row of more than CAP candidates ranks them itself from WIDE
+places, SUB rows at a time; past WIDE it falls back to a top-k network over every chunk.
+Neither the scores nor the k x k sums reach global memory; the candidates and each half's
+sorted top-k do (8 and 16 bytes each).
 
-The combine kernel never forms the k x k sums either: with both halves sorted in descending
-order, the pair of half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
+The combine kernel (ranking both halves' candidates first, unless the half kernel did) never
+forms the k x k sums either: with both halves sorted in descending order, the pair of
+half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
 with (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those
 candidates are gathered from registers; the sums with half-rank 0 on either side are already in
 descending order, so only the other 56 go through a top-k network, and two bitonic merges rank
@@ -271,6 +274,8 @@ def _half_topk_kernel(
     STOP: tl.constexpr,
     SAVE_Q: tl.constexpr = False,
     SCAN: tl.constexpr = 0,
+    late_ptr=None,
+    LATER: tl.constexpr = False,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
     half_s / half_i (2, N, H, K).
@@ -287,6 +292,9 @@ def _half_topk_kernel(
     WIDE places; past WIDE (or with fewer than K) it ranks every chunk with the top-k network
     (exact either way, only slower).
     With SAVE_Q the query rows are written to qn (2, H, N, half) for the backward.
+    With LATER the common case leaves the ranking to the combine kernel, which has room to
+    hide the sort network's latency: each row's candidate count goes to late (2, H, N), and
+    -1 there marks a row this kernel ranked itself (the rare blocks).
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
     """
     h = tl.program_id(1)
@@ -347,12 +355,18 @@ def _half_topk_kernel(
     most = tl.max(tl.where(row_mask, count, 0), axis=0)
     enough = tl.min(tl.where(row_mask, count, K), axis=0) >= K
     if enough & (most <= CAP):  # the common case: every row's candidates in CAP places
-        slot = tl.arange(0, CAP)
-        valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
-        cand = tl.load(scratch + rows[:, None] * WIDE + slot[None, :], mask=valid, other=0)
-        cand = _rank_key(cand, valid)
-        _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, tl.topk(cand, KP))
+        if LATER:
+            tl.store(late_ptr + (which * H + h) * N + rows, count, mask=row_mask)
+        else:
+            slot = tl.arange(0, CAP)
+            valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
+            cand = tl.load(scratch + rows[:, None] * WIDE + slot[None, :], mask=valid, other=0)
+            cand = _rank_key(cand, valid)
+            _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, tl.topk(cand, KP))
     else:
+        if LATER:  # ranked below, in this kernel
+            tl.store(late_ptr + (which * H + h) * N + rows, tl.full((BLOCK_N,), -1, tl.int32),
+                     mask=row_mask)  # fmt: skip
         if WIDE > CAP:
             if enough & (most <= WIDE):  # rare: ranked from WIDE places, SUB rows at a time
                 counts = count_ptr + (which * H + h) * N
@@ -405,6 +419,35 @@ def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl
 
 
 @triton.jit
+def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, which, R, H,
+                 SAVE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+                 WIDE: tl.constexpr):  # fmt: skip
+    """Half ``which``'s sorted top-K of (token, head) rows r = n * H + h, descending: (scores
+    (BLOCK_R, KP) fp32, -inf past K; sub-key indices int32). A row whose count in late
+    (2, H, N) is -1 was ranked by the half kernel (read from half_s / half_i); the others are
+    ranked here from their count of candidates in scratch (2, H, N, WIDE), and with SAVE their
+    indices are stored to half_i for the backward."""
+    N = R // H
+    kcol = tl.arange(0, KP)
+    off = which * R * K + rows[:, None] * K + kcol[None, :]
+    mask = row_mask[:, None] & (kcol[None, :] < K)
+    line = (which * H + rows % H) * N + rows // H  # (which, h, n)
+    count = tl.load(late_ptr + line, mask=row_mask, other=0)
+    slot = tl.arange(0, CAP)
+    valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
+    cand = tl.load(scratch_ptr + line.to(tl.int64)[:, None] * WIDE + slot[None, :], mask=valid,
+                   other=0)  # fmt: skip
+    score, index = _unpack(tl.topk(_rank_key(cand, valid), KP))
+    ranked = (count >= 0)[:, None]
+    done = mask & (count < 0)[:, None]
+    score = tl.where(ranked, score, tl.load(half_s_ptr + off, mask=done, other=0.0))
+    index = tl.where(ranked, index, tl.load(half_i_ptr + off, mask=done, other=0))
+    if SAVE:
+        tl.store(half_i_ptr + off, index, mask=mask & ranked)
+    return tl.where(mask, score, _NEG_INF), tl.where(mask, index, 0)
+
+
+@triton.jit
 def _combine_kernel(
     half_s_ptr,
     half_i_ptr,
@@ -428,8 +471,15 @@ def _combine_kernel(
     n_rest=0,
     SPLIT: tl.constexpr = False,
     RP: tl.constexpr = 16,
+    scratch_ptr=None,
+    late_ptr=None,
+    H=1,
+    RANK: tl.constexpr = False,
+    CAP: tl.constexpr = 16,
+    WIDE: tl.constexpr = 16,
 ):
-    """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K.
+    """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K
+    (with RANK first ranked here from the half kernel's candidates, ``_ranked_half``).
 
     The sums are never all formed: with both halves in descending order, the pair of half-ranks
     (a, b) is dominated by every (a' <= a, b' <= b), so only the n_pairs pairs with
@@ -445,10 +495,16 @@ def _combine_kernel(
     kcol = tl.arange(0, KP)
     off = rows[:, None] * K + kcol[None, :]
     mask = row_mask[:, None] & (kcol[None, :] < K)
-    t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"))
-    t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"))
-    i1 = tl.load(half_i_ptr + off, mask=mask, other=0)
-    i2 = tl.load(half_i_ptr + R * K + off, mask=mask, other=0)
+    if RANK:  # the half kernel left most rows' candidates in scratch: rank them here
+        t1, i1 = _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 0,
+                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE)  # fmt: skip
+        t2, i2 = _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 1,
+                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE)  # fmt: skip
+    else:
+        t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"))
+        t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"))
+        i1 = tl.load(half_i_ptr + off, mask=mask, other=0)
+        i2 = tl.load(half_i_ptr + R * K + off, mask=mask, other=0)
 
     pcol = tl.arange(0, CP)
     p_mask = pcol < n_pairs
@@ -552,9 +608,9 @@ def _default_tiles(N: int) -> dict:
     # formed in the PTX (H200: 1.780 ms against 1.828 for 2 at 4,096 sub-keys; 231 registers
     # against 242); inline PTX, which the interpreter cannot run: 1, plain stores, there
     # split: the combine kernel merges the sums of half-rank 0 as sorted lists and ranks only
-    # the rest by a network (H200: top-k 0.657 ms against 0.692 at 1,024 sub-keys); it takes 16
-    # rows a program (``combine_rows``; H200, two calls: 0.638 / 1.725 ms at 1,024 / 4,096
-    # sub-keys against 0.652 / 1.749 with 32)
+    # the rest by a network (H200: top-k 0.657 ms against 0.692 at 1,024 sub-keys); when the
+    # half kernel ranks, it takes 16 rows a program (``combine_rows_ranked``; H200, two calls:
+    # 0.638 / 1.725 ms at 1,024 / 4,096 sub-keys against 0.652 / 1.749 with 32)
     # wide: candidate places per row in scratch, for the rare block with a row over the 64 that
     # the common path ranks (128 beat 64, i.e. rescanning the keys, and 256 on the H200)
     scan = 1 if _INTERPRETED else 3
@@ -562,7 +618,12 @@ def _default_tiles(N: int) -> dict:
         tiles = dict(block_n=16, block_c=128, num_warps=4, num_stages=2, bisect=12)
     else:
         tiles = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12)
-    return dict(tiles, scan=scan, wide=128, split=True)
+    # later: each half's candidates ranked by the combine kernel, 8 rows a program (more
+    # programs a multiprocessor to hide the sort network's latency) rather than at the end of
+    # the half kernel, two programs a multiprocessor (H200, one call: 0.588 ms against 0.644 at
+    # 1,024 sub-keys, 1.740 against 1.736 at 4,096; 16 rows a program 0.608, 32 0.740)
+    return dict(tiles, scan=scan, wide=128, split=True, later=True, combine_rows=8,
+                combine_rows_ranked=16)  # fmt: skip
 
 
 def product_key_topk_forward(
@@ -580,11 +641,12 @@ def product_key_topk_forward(
     bisect: int | None = None,
     stop: int = 0,
     scan: int | None = None,
-    combine_rows: int = 16,
+    combine_rows: int | None = None,
     combine_warps: int = 4,
     wide: int | None = None,
     normed_out: torch.Tensor | None = None,
     split: bool | None = None,
+    later: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -597,7 +659,8 @@ def product_key_topk_forward(
     sub-keys each half kept and pair_rank (2, N, H, topk) int32 the half-ranks each pick
     combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
     ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
-    and returns garbage (timing).
+    and returns garbage (timing). ``later`` ranks each half's candidates in the combine kernel
+    instead of the half kernel.
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -626,6 +689,9 @@ def product_key_topk_forward(
     sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
     scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
     counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
+    later = tiles["later"] if later is None else later
+    late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
+    combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     LAUNCHED["half"] = _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
         q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
         half_idx, N, H, n_keys, half,
@@ -638,7 +704,7 @@ def product_key_topk_forward(
         EVEN=n_keys % block_c == 0 and half == half_p2,
         IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
         SCAN=tiles["scan"] if scan is None else scan,
-        SAVE_Q=normed_out is not None,
+        SAVE_Q=normed_out is not None, late_ptr=late, LATER=later,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
     )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
@@ -651,7 +717,8 @@ def product_key_topk_forward(
         pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
         SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id, rest_a_ptr=rest_a,
         rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest, SPLIT=split,
-        RP=_next_pow2(max(n_rest, kp), 16), num_warps=combine_warps,
+        RP=_next_pow2(max(n_rest, kp), 16), scratch_ptr=scratch, late_ptr=late, H=H,
+        RANK=later, CAP=cap, WIDE=wide, num_warps=combine_warps,
     )  # fmt: skip
     if not save_for_backward:
         return scores, slots, None, None
