@@ -82,7 +82,7 @@ class ProductKeyMemory(nn.Module):
         if cfg.qk_norm:
             keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
         # scores, slots (N, H, k) of q's halves, each rms-normalised by query_norm_weight first
-        # (on CUDA inside the top-k kernel, which reads the strided halves in place)
+        # (on CUDA by one pass that writes the halves heads-first for the top-k kernel)
         norm_weight = self.query_norm_weight
         scores, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight)
         weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
