@@ -15,8 +15,8 @@ the scores, made from the candidates kept) ranks each row's list: by default in 
 kernel, whose small programs hide the sort network's latency better than the half kernel's two
 a multiprocessor. A block with a row of more than CAP candidates ranks them itself from WIDE
 places, SUB rows at a time; past WIDE it falls back to a top-k network over every chunk.
-Neither the scores nor the k x k sums reach global memory; the candidates and each half's
-sorted top-k do (8 and 16 bytes each).
+Neither the scores nor the k x k sums reach global memory; the candidates (8 bytes each) and
+each half's sorted picks (16 bytes each) do.
 
 The combine kernel (ranking both halves' candidates first, unless the half kernel did) never
 forms the k x k sums either: with both halves sorted in descending order, the pair of
