@@ -12,6 +12,9 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
 
     python bench/kernels.py            # full sizes on CUDA; small sizes on a CPU
     python bench/kernels.py --tokens 4096
+    python bench/kernels.py --topk-sweep --profile --no-bag   # top-k tiles, per-kernel times
+    python bench/kernels.py --bag-backward   # the bag backward's kernels and tiles only
+    python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
 """
 
 from __future__ import annotations
