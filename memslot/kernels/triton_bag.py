@@ -263,10 +263,9 @@ def _bag_grad_fused_kernel(
 
 
 @triton.jit
-def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, slots_ptr, n, BLOCK: tl.constexpr,
-                        SLOTS: tl.constexpr = False):  # fmt: skip
-    """offsets[u] = the first sorted pair of run u, offsets[U] = n: each run's start written by
-    its own first pair (no two writes to one place); with SLOTS, slots[u] = run u's slot."""
+def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, slots_ptr, n, BLOCK: tl.constexpr):
+    """offsets[u] = the first sorted pair of run u, offsets[U] = n, slots[u] = run u's slot:
+    each written by the run's own first pair (no two writes to one place)."""
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = q < n
     s = tl.load(sorted_ptr + q, mask=inside, other=-1)
@@ -274,8 +273,7 @@ def _run_offsets_kernel(sorted_ptr, run_ptr, offsets_ptr, slots_ptr, n, BLOCK: t
     run = tl.load(run_ptr + q, mask=inside, other=0).to(tl.int64)
     first = inside & (s != s_prev)
     tl.store(offsets_ptr + run, q.to(tl.int32), mask=first)
-    if SLOTS:
-        tl.store(slots_ptr + run, s.to(tl.int64), mask=first)
+    tl.store(slots_ptr + run, s.to(tl.int64), mask=first)
     tl.store(offsets_ptr + run + 1, n, mask=q == n - 1)
 
 
@@ -650,9 +648,7 @@ def embedding_bag_backward_walk(
     bound = min(n, S)
     offsets = torch.empty(bound + 1, dtype=torch.int32, device=device)
     slots = torch.empty(bound, dtype=torch.int64, device=device)
-    _run_offsets_kernel[(triton.cdiv(n, 1024),)](
-        sorted_slots, run, offsets, slots, n, BLOCK=1024, SLOTS=True
-    )
+    _run_offsets_kernel[(triton.cdiv(n, 1024),)](sorted_slots, run, offsets, slots, n, BLOCK=1024)
     out = _grad_rows_buffer(S, D, bound, dtype, dense, device)
     if values.stride(1) != 1:
         values = values.contiguous()
