@@ -140,6 +140,17 @@ class TokenAuth(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+def _same_shape(handler):
+    """The gRPC constructor of a method handler with ``handler``'s streaming on each side."""
+    if handler.request_streaming:
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler
+        return grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler
+    return grpc.unary_unary_rpc_method_handler
+
+
 def refusal(handler, code: grpc.StatusCode, message: str):
     """A handler of the same shape as ``handler`` that fails with ``code``."""
     if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
@@ -148,13 +159,7 @@ def refusal(handler, code: grpc.StatusCode, message: str):
     def refuse(_request, context):
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return _same_shape(handler)(refuse)
 
 
 class DrainGate(grpc.ServerInterceptor):
@@ -204,31 +209,25 @@ class DrainGate(grpc.ServerInterceptor):
 
     def _counted(self, handler):
         """``handler`` with each call counted in flight until it returns or its stream ends."""
+        behaviour = (  # the one of the four that is set
+            handler.stream_stream
+            or handler.stream_unary
+            or handler.unary_stream
+            or handler.unary_unary
+        )
         if handler.response_streaming:
-            behaviour = handler.stream_stream or handler.unary_stream
 
             def call(request, context):
                 with self._call():
                     yield from behaviour(request, context)
 
-            make = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
         else:
-            behaviour = handler.stream_unary or handler.unary_unary
 
             def call(request, context):
                 with self._call():
                     return behaviour(request, context)
 
-            make = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-        return make(
+        return _same_shape(handler)(
             call,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
