@@ -533,9 +533,10 @@ def walk_sweep(args, dev, dt) -> dict | None:
     checked("per-slot backward", lambda: triton_bag.embedding_bag_backward_fused(
         grad16, values, indices, weights, dt))  # fmt: skip
     ms_old = as_trained(None)
-    times = {}
+    times, variants = {}, {}
     for v in WALK_VARIANTS + [dict(default, hints=False)]:
         label = " ".join(f"{k}={x}" for k, x in v.items())
+        variants[label] = v
         try:
             fn = lambda v=v: triton_bag.embedding_bag_backward_walk(  # noqa: E731
                 grad16, values, indices, weights, dt, **v
@@ -561,12 +562,7 @@ def walk_sweep(args, dev, dt) -> dict | None:
     profile(
         "per-slot backward", lambda: triton_bag._grad_both(grad16, values, indices, weights, dt)
     )
-    variants = WALK_VARIANTS + [dict(default, hints=False)]
-    return (
-        None
-        if best is None
-        else next(v for v in variants if " ".join(f"{k}={x}" for k, x in v.items()) == best)
-    )
+    return None if best is None else variants[best]
 
 
 def bench_bag_backward(args) -> None:
