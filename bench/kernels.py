@@ -88,9 +88,9 @@ def bench_ms(fn, rep_ms: int = 200) -> float:
 
 # (block_n, block_c, num_warps, num_stages, bisection steps for the bound (0: a sort))
 TOPK_KEYS = ("block_n", "block_c", "num_warps", "num_stages", "bisect")
-TOPK_VARIANTS = (
+TOPK_VARIANTS = (  # the Triton half kernel's tiles (ws=False: not the Gluon kernel)
     [
-        dict(zip(TOPK_KEYS, v, strict=True))
+        dict(zip(TOPK_KEYS, v, strict=True), ws=False)
         for v in [
             (64, 64, 4, 2, 12),
             (64, 64, 4, 3, 12),
@@ -104,15 +104,15 @@ TOPK_VARIANTS = (
         ]
     ]
     + [  # candidate places: 0 a scan and plain stores, 1 a triangle product, 2 that + in-place stores
-        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan)
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=scan, ws=False)
         for scan in (0, 1, 2)
     ]
     + [  # candidate places per row in scratch (64: a block with a row over 64 rescans the keys)
-        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, wide=wide)
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, wide=wide, ws=False)
         for wide in (64, 128, 256)
     ]
     + [  # the stages of the half kernel: pass one only, passes one and two, the half kernel whole
-        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop)
+        dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, stop=stop, ws=False)
         for stop in (1, 2, 3)
     ]
 )
@@ -122,7 +122,8 @@ def topk_variants(n_keys: int) -> list[dict]:
     """Where each half's candidates are ranked: at the end of the half kernel (``later``
     False, two programs a multiprocessor) or by the combine kernel at a few of its tiles, and
     the stages of the best (``stop``), for ``--topk-sweep``."""
-    base = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=3, split=True)
+    base = dict(block_n=64, block_c=64, num_warps=4, num_stages=2, bisect=12, scan=3, split=True,
+                ws=False)  # fmt: skip
     return [dict(base, later=False, combine_rows=16, combine_warps=4)] + [
         dict(base, later=True, combine_rows=rows, combine_warps=warps)
         for rows, warps in ((8, 4), (4, 4), (8, 8), (8, 2), (16, 4))
@@ -184,7 +185,9 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     from memslot.kernels import triton_topk
 
     g = torch.Generator(device=dev).manual_seed(n_keys)
-    q1, q2 = (torch.randn(N, H, half, device=dev, generator=g).to(dt) for _ in range(2))
+    # the halves as the layer's query_topk lays them out: views of one (2, H, N, half) tensor
+    normed = torch.randn(2, H, N, half, device=dev, generator=g).to(dt)
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
     k1, k2 = (torch.randn(H, n_keys, half, device=dev, generator=g).to(dt) for _ in range(2))
     # check: the bf16 kernel's picks against an fp32 reference on the same bf16 inputs
     s, sl = triton_topk.product_key_topk(q1, q2, k1, k2, K)
@@ -232,7 +235,8 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
             if "stop" not in v:
                 runs_and_matches(v)
         for bisect in (0, 12):  # how many candidates the bound lets through, per row
-            count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, bisect=bisect, stop=2)[
+            count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, bisect=bisect, stop=2,
+                                                         ws=False)[  # fmt: skip
                 3
             ][..., 0].float()
             rows = count.transpose(0, 1).reshape(N, 2 * H)[: N // 64 * 64]
@@ -250,13 +254,26 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K))
     ref_ms = bench_ms(lambda: reference.product_key_topk(q1, q2, k1, k2, K))
     here_ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, later=False))
+    triton_ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, ws=False))
+    ws = triton_topk.gluon_topk is not None and triton_topk.gluon_topk.eligible(q1, q2, k1, K, 64)
     row(
         f"fused scoring + top-k, {N} tok x {H} heads, {n_keys} sub-keys",
         ms,
         "",
         f"reference {ref_ms:.3f} ms ({ref_ms / ms:.1f}x); target <= 0.5 ms at 1,024; "
-        f"ranked in the half kernel {here_ms:.3f} ms",
+        f"Triton half kernel {triton_ms:.3f} ms; ranked in the half kernel {here_ms:.3f} ms",
     )
+    if ws:  # the warp-specialised half kernel's stages: pass one, both passes, with the recheck
+        stages = [
+            bench_ms(lambda s=s: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, stop=s))
+            for s in (1, 2, 3)
+        ]
+        row(
+            f"  warp-specialised half kernel (Gluon), {n_keys} sub-keys",
+            stages[1],
+            "",
+            f"pass one {stages[0]:.3f} ms; with the recheck {stages[2]:.3f} ms",
+        )
     leaves = [t.clone().requires_grad_() for t in (q1, q2, k1, k2)]
     grad = torch.randn(N, H, K, device=dev, generator=g)
 
@@ -271,7 +288,7 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     q = torch.randn(N, H * 2 * half, device=dev, generator=g).to(dt).view(N, H, 2 * half)
     norm_w = (torch.rand(2, half, device=dev, generator=g) + 0.5).to(dt)
     print(f"    half kernel without qk-norm: {registers()}")
-    triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, stop=2)
+    triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, stop=2, ws=False)
     print(f"    half kernel through pass two only: {registers()}")
     s_fused, sl_fused = triton_topk.query_topk(q, k1, k2, K, norm_w)
     s_ref, sl_ref = reference.query_topk(*(t.float() for t in (q, k1, k2)), K, norm_w.float())

@@ -101,6 +101,70 @@ def test_ranking_in_the_half_or_the_combine_kernel_gives_the_same_bits(
     assert torch.equal(there[1].sort(-1).values, want_slots.sort(-1).values)
 
 
+@pytest.mark.parametrize(
+    "n,heads,n_keys,half,topk,tiles",
+    [
+        (20 * BIG, 2, 32, 8, 4, {}),
+        (6, 2, 300, 8, 16, dict(block_c=16, cap=16, wide=16)),  # every block rescans the keys
+        (6, 2, 300, 8, 16, dict(block_c=16, cap=16, wide=256)),
+    ],
+)
+def test_the_recheck_after_the_half_kernel_gives_the_same_bits(n, heads, n_keys, half, topk,
+                                                               tiles):  # fmt: skip
+    # the recheck (run after the warp-specialised kernel on Hopper) ranks the blocks whose
+    # counts in late are out of range; after the Triton kernel those are the -1 blocks it
+    # ranked itself, which the recheck ranks again by the exact network over every chunk
+    q1, q2, k1, k2 = random_keys(n, heads, n_keys, half, seed=n + heads)
+    plain, rechecked = (
+        triton_topk.product_key_topk_forward(
+            q1, q2, k1, k2, topk, save_for_backward=True, ws=False, recheck=recheck, **tiles
+        )
+        for recheck in (False, True)
+    )
+    for a, b in zip(plain, rechecked, strict=True):  # scores, slots, half indices, pair ranks
+        assert torch.equal(a, b)
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    torch.testing.assert_close(rechecked[0], want_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rechecked[1].sort(-1).values, want_slots.sort(-1).values)
+
+
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
+@pytest.mark.parametrize(
+    "n,heads,half,n_keys,topk,same_keys",
+    [
+        (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
+        (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
+        (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
+        (4096, 4, 256, 4096, 32, False),
+        (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
+    ],
+)
+def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,
+                                                              same_keys):  # fmt: skip
+    from memslot.kernels import gluon_topk
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    normed = triton_topk.normalise_query(q, None)  # the layout query_topk gives the kernel
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
+    k1, k2 = (
+        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    if same_keys:
+        k1[:, 1:] = k1[:, :1]
+    assert gluon_topk.eligible(q1, q2, k1, topk, 64)
+    triton_only, ws = (
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w)
+        for w in (False, True)
+    )
+    for a, b in zip(triton_only, ws, strict=True):  # scores, slots, half indices, pair ranks
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("bisect", [0, 3, 12])
 def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
     # a sorted bound (0) or bisection (few steps: a looser bound, more candidates, fallbacks):

@@ -13,8 +13,13 @@ layout (a plain ``tl.store`` first moves the tile, its pointers and its mask to 
 through shared memory). One bitonic top-k (``tl.topk`` on (score, index) int64 keys ordered as
 the scores, made from the candidates kept) ranks each row's list: by default in the combine
 kernel, whose small programs hide the sort network's latency better than the half kernel's two
-a multiprocessor. A block with a row of more than CAP candidates ranks them itself from WIDE
-places, SUB rows at a time; past WIDE it falls back to a top-k network over every chunk.
+a multiprocessor (its program ranks WIDE places where a row of it has more than CAP). Ranking
+in the half kernel, a block with a row of more than CAP candidates ranks them from WIDE places,
+SUB rows at a time; past WIDE either way the block falls back to a top-k network over every
+chunk.
+
+On Hopper the candidates come from the warp-specialised Gluon kernel in ``gluon_topk`` instead,
+and ``_recheck_kernel`` then ranks the rare blocks past WIDE by that network.
 Neither the scores nor the k x k sums reach global memory; the candidates (8 bytes each) and
 each half's sorted picks (16 bytes each) do.
 
@@ -48,6 +53,11 @@ import triton
 import triton.language as tl
 
 from memslot.kernels.reference import RMS_EPS
+
+try:  # Gluon (Triton's explicit-layout dialect) for the warp-specialised half kernel on Hopper
+    from memslot.kernels import gluon_topk
+except (ImportError, AttributeError):  # a Triton without (this) Gluon: the Triton kernels alone
+    gluon_topk = None
 
 _NEG_INF = tl.constexpr(float("-inf"))
 # the last launch of each kernel (its registers and spills, for the benchmark's report)
@@ -293,8 +303,9 @@ def _half_topk_kernel(
     (exact either way, only slower).
     With SAVE_Q the query rows are written to qn (2, H, N, half) for the backward.
     With LATER the common case leaves the ranking to the combine kernel, which has room to
-    hide the sort network's latency: each row's candidate count goes to late (2, H, N), and
-    -1 there marks a row this kernel ranked itself (the rare blocks).
+    hide the sort network's latency (up to WIDE candidates a row): each row's candidate count
+    goes to late (2, H, N), and -1 there marks a row this kernel ranked itself (the rare blocks
+    with a row past WIDE or short of K).
     STOP (benchmarks only) ends early to time the stages: 1 after pass one, 2 after pass two.
     """
     h = tl.program_id(1)
@@ -354,7 +365,8 @@ def _half_topk_kernel(
     tl.debug_barrier()  # the program's scratch stores before its loads
     most = tl.max(tl.where(row_mask, count, 0), axis=0)
     enough = tl.min(tl.where(row_mask, count, K), axis=0) >= K
-    if enough & (most <= CAP):  # the common case: every row's candidates in CAP places
+    # the common case: every row's candidates in CAP places (WIDE when the combine kernel ranks)
+    if enough & (most <= (WIDE if LATER else CAP)):
         if LATER:
             tl.store(late_ptr + (which * H + h) * N + rows, count, mask=row_mask)
         else:
@@ -372,19 +384,9 @@ def _half_topk_kernel(
                 counts = count_ptr + (which * H + h) * N
                 tl.store(counts + rows, count, mask=row_mask)
                 tl.debug_barrier()
-                wslot = tl.arange(0, WIDE)
-                for r0 in range(0, BLOCK_N, SUB):
-                    srows = tl.program_id(0) * BLOCK_N + r0 + tl.arange(0, SUB)
-                    smask = srows < N
-                    scount = tl.load(counts + srows, mask=smask, other=0)
-                    valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
-                    cand = tl.load(
-                        scratch + srows[:, None] * WIDE + wslot[None, :], mask=valid, other=0
-                    )
-                    cand = _rank_key(cand, valid)
-                    soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
-                    smk = smask[:, None] & (kcol[None, :] < K)
-                    _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
+                _rank_wide(counts, scratch, half_s_ptr, half_i_ptr, which, h, N, H,
+                           tl.program_id(0) * BLOCK_N, K, KP, WIDE,
+                           SUB, BLOCK_N)  # fmt: skip
             else:
                 best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N,
                                          KP, BLOCK_C, EVEN, IEEE)  # fmt: skip
@@ -393,6 +395,72 @@ def _half_topk_kernel(
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
                                      BLOCK_C, EVEN, IEEE)  # fmt: skip
             _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, best)
+
+
+@triton.jit
+def _rank_wide(counts, scratch, half_s_ptr, half_i_ptr, which, h, N, H, row0,
+               K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, SUB: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Rank rows row0 .. row0 + BLOCK_N from their counts[row] candidates in WIDE scratch
+    places, SUB rows at a time, into half_s / half_i (the rare block with a row over CAP)."""
+    wslot = tl.arange(0, WIDE)
+    kcol = tl.arange(0, KP)
+    for r0 in range(0, BLOCK_N, SUB):
+        srows = row0 + r0 + tl.arange(0, SUB)
+        smask = srows < N
+        scount = tl.load(counts + srows, mask=smask, other=0)
+        valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
+        cand = tl.load(scratch + srows[:, None] * WIDE + wslot[None, :], mask=valid, other=0)
+        cand = _rank_key(cand, valid)
+        soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
+        smk = smask[:, None] & (kcol[None, :] < K)
+        _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
+
+
+@triton.jit
+def _recheck_kernel(
+    q1_ptr, q2_ptr, k1_ptr, k2_ptr, late_ptr, half_s_ptr, half_i_ptr, N, H, n_keys, half,
+    n_blocks, stride_q1n, stride_q1h, stride_q2n, stride_q2h, stride_k1h, stride_k1k,
+    stride_k2h, stride_k2k,
+    K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, HALF_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """After a half kernel that left each row's candidate count in late (2, H, N) (-1: ranked
+    by it): the blocks of BLOCK_N rows with a row out of [K, WIDE] (fewer candidates than K, or
+    more than its scratch places: ties at the bound) are ranked here by the exact top-k network
+    over every chunk, and their rows marked -1 in late. A few programs stride over all
+    2 x H x n_blocks blocks: in the common case each only reads the counts."""
+    kcol = tl.arange(0, KP)
+    ccol = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, HALF_P2)
+    for t in range(tl.program_id(0), 2 * H * n_blocks, tl.num_programs(0)):
+        which = t // (H * n_blocks)
+        h = (t // n_blocks) % H
+        rows = (t % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        line = (which * H + h) * N + rows
+        seen = tl.load(late_ptr + line, mask=row_mask, other=K)
+        if (tl.min(seen, axis=0) < K) | (tl.max(seen, axis=0) > WIDE):
+            tl.store(late_ptr + line, tl.full((BLOCK_N,), -1, tl.int32), mask=row_mask)
+            if which == 0:
+                q_ptr = q1_ptr + h * stride_q1h
+                stride_qn = stride_q1n
+                keys_ptr = k1_ptr + h * stride_k1h
+                stride_kk = stride_k1k
+            else:
+                q_ptr = q2_ptr + h * stride_q2h
+                stride_qn = stride_q2n
+                keys_ptr = k2_ptr + h * stride_k2h
+                stride_kk = stride_k2k
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :],
+                        mask=row_mask[:, None] & (d < half)[None, :], other=0.0)  # fmt: skip
+            if IEEE:
+                q = q.to(tl.float32)
+            best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
+                                     BLOCK_C, EVEN, IEEE)  # fmt: skip
+            off = which * N * H * K + (rows[:, None] * H + h) * K + kcol[None, :]
+            _store_half(half_s_ptr, half_i_ptr, off, row_mask[:, None] & (kcol[None, :] < K),
+                        best)  # fmt: skip
 
 
 @triton.jit
@@ -419,13 +487,26 @@ def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl
 
 
 @triton.jit
+def _rank_places(scratch_ptr, line, count, row_mask, PLACES: tl.constexpr, WIDE: tl.constexpr,
+                 KP: tl.constexpr):  # fmt: skip
+    """(scores, sub-key indices) (rows, KP), descending, of each row's first min(count, PLACES)
+    candidates in scratch (WIDE places a row)."""
+    slot = tl.arange(0, PLACES)
+    valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
+    cand = tl.load(scratch_ptr + line.to(tl.int64)[:, None] * WIDE + slot[None, :], mask=valid,
+                   other=0)  # fmt: skip
+    return _unpack(tl.topk(_rank_key(cand, valid), KP))
+
+
+@triton.jit
 def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, which, R, H,
                  SAVE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
                  WIDE: tl.constexpr):  # fmt: skip
     """Half ``which``'s sorted top-K of (token, head) rows r = n * H + h, descending: (scores
     (BLOCK_R, KP) fp32, -inf past K; sub-key indices int32). A row whose count in late
     (2, H, N) is -1 was ranked by the half kernel (read from half_s / half_i); the others are
-    ranked here from their count of candidates in scratch (2, H, N, WIDE), and with SAVE their
+    ranked here from their count of candidates in scratch (2, H, N, WIDE): CAP places, or WIDE
+    for the rare program with a row past CAP; with SAVE their
     indices are stored to half_i for the backward."""
     N = R // H
     kcol = tl.arange(0, KP)
@@ -433,11 +514,10 @@ def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 
     mask = row_mask[:, None] & (kcol[None, :] < K)
     line = (which * H + rows % H) * N + rows // H  # (which, h, n)
     count = tl.load(late_ptr + line, mask=row_mask, other=0)
-    slot = tl.arange(0, CAP)
-    valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
-    cand = tl.load(scratch_ptr + line.to(tl.int64)[:, None] * WIDE + slot[None, :], mask=valid,
-                   other=0)  # fmt: skip
-    score, index = _unpack(tl.topk(_rank_key(cand, valid), KP))
+    if (WIDE > CAP) & (tl.max(count, axis=0) > CAP):  # rare: a row past CAP, rank WIDE places
+        score, index = _rank_places(scratch_ptr, line, count, row_mask, WIDE, WIDE, KP)
+    else:
+        score, index = _rank_places(scratch_ptr, line, count, row_mask, CAP, WIDE, KP)
     ranked = (count >= 0)[:, None]
     done = mask & (count < 0)[:, None]
     score = tl.where(ranked, score, tl.load(half_s_ptr + off, mask=done, other=0.0))
@@ -647,6 +727,9 @@ def product_key_topk_forward(
     normed_out: torch.Tensor | None = None,
     split: bool | None = None,
     later: bool | None = None,
+    ws: bool | None = None,
+    ws_tiles: dict | None = None,
+    recheck: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -660,7 +743,10 @@ def product_key_topk_forward(
     combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
     ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
     and returns garbage (timing). ``later`` ranks each half's candidates in the combine kernel
-    instead of the half kernel.
+    instead of the half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
+    candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments),
+    then ranks the rare blocks with a row out of range by ``_recheck_kernel`` (``recheck``
+    runs that after the Triton half kernel too, for the tests on the CPU).
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -692,21 +778,47 @@ def product_key_topk_forward(
     later = tiles["later"] if later is None else later
     late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
-    LAUNCHED["half"] = _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
-        q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
-        half_idx, N, H, n_keys, half,
-        q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
-        keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
-        # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
-        K=topk, KP=kp, CAP=cap, WIDE=wide, SUB=sub, HALF_P2=half_p2, BLOCK_N=block_n,
-        BLOCK_C=block_c,
-        BISECT=tiles["bisect"] if bisect is None else bisect,
-        EVEN=n_keys % block_c == 0 and half == half_p2,
-        IEEE=q1.dtype == torch.float32 or _INTERPRETED, STOP=stop if stop < 3 else 0,
-        SCAN=tiles["scan"] if scan is None else scan,
-        SAVE_Q=normed_out is not None, late_ptr=late, LATER=later,
-        num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
-    )  # fmt: skip
+    ws_tiles = dict(ws_tiles or {})
+    ws_block_c = ws_tiles.get("block_c", 64)
+    if ws is None:
+        ws = later and normed_out is None and gluon_topk is not None and gluon_topk.eligible(
+            q1, q2, keys1, topk, ws_block_c)  # fmt: skip
+    if (ws or recheck) and not later:
+        raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
+                         "the combine kernel: they need later")  # fmt: skip
+    even = n_keys % block_c == 0 and half == half_p2
+    ieee = q1.dtype == torch.float32 or _INTERPRETED
+    if ws:
+        LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk,
+                                                 wide, stop=min(stop, 3) % 3, **ws_tiles)  # fmt: skip
+        if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
+            return scores, slots, late, None
+    else:
+        LAUNCHED["half"] = _half_topk_kernel[(triton.cdiv(N, block_n), H, 2)](
+            q1, q2, keys1, keys2, q1 if normed_out is None else normed_out, scratch, counts, half_s,
+            half_idx, N, H, n_keys, half,
+            q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
+            keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
+            # every dim at least 16: Triton 3.6 fails to compile reductions over 4-wide tiles
+            K=topk, KP=kp, CAP=cap, WIDE=wide, SUB=sub, HALF_P2=half_p2, BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            BISECT=tiles["bisect"] if bisect is None else bisect,
+            EVEN=even, IEEE=ieee, STOP=stop if stop < 3 else 0,
+            SCAN=tiles["scan"] if scan is None else scan,
+            SAVE_Q=normed_out is not None, late_ptr=late, LATER=later,
+            num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
+        )  # fmt: skip
+    if (ws or recheck) and stop in (0, 3):
+        n_blocks = triton.cdiv(N, block_n)
+        programs = 4 if not q1.is_cuda else 2 * torch.cuda.get_device_properties(
+            device).multi_processor_count  # fmt: skip
+        LAUNCHED["recheck"] = _recheck_kernel[(min(2 * H * n_blocks, programs),)](
+            q1, q2, keys1, keys2, late, half_s, half_idx, N, H, n_keys, half, n_blocks,
+            q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
+            keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
+            K=topk, KP=kp, WIDE=wide, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
+            EVEN=even, IEEE=ieee, num_warps=tiles["num_warps"],
+        )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
     pair_a, pair_b = _candidate_pairs(topk, device)

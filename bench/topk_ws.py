@@ -1,0 +1,112 @@
+"""The warp-specialised half top-k (Gluon, Hopper) against the Triton half kernel.
+
+    PYTHONPATH=. python3 bench/topk_ws.py [--quick]
+
+On one GPU: checks that the fused top-k gives the same bits through both (scores, slots and
+what the backward keeps, including blocks the Triton kernel redoes), then times the whole top-k
+of queries laid out as ``query_topk`` writes them, at 16,384 tokens x 4 heads, top-32, half
+256, 1,024 and 4,096 sub-keys, for each kernel and several tiles of the Gluon one, and the
+Gluon kernel's pass one alone. Medians of ``triton.testing.do_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from memslot.kernels import gluon_topk, triton_topk
+
+
+def bench_ms(fn, rep_ms: int = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def operands(N, H, half, n_keys, seed=0, same_keys=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(N, H, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    normed = triton_topk.normalise_query(q, None)  # (2, H, N, half), as query_topk has it
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
+    k1, k2 = (torch.randn(H, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+              for _ in range(2))  # fmt: skip
+    if same_keys:  # every score of a row equal: every row past CAP, every block redone
+        k1[:, 1:] = k1[:, :1]
+    return q1, q2, k1, k2
+
+
+def check_same(N, H, half, n_keys, K, seed=0, same_keys=False, **ws_tiles) -> bool:
+    q1, q2, k1, k2 = operands(N, H, half, n_keys, seed, same_keys)
+    if not gluon_topk.eligible(q1, q2, k1, K, ws_tiles.get("block_c", 64)):
+        print(f"  not eligible: N={N} H={H} half={half} n_keys={n_keys} K={K}")
+        return False
+    a = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, save_for_backward=True,
+                                             ws=False)  # fmt: skip
+    b = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, save_for_backward=True,
+                                             ws=True, ws_tiles=ws_tiles)  # fmt: skip
+    torch.cuda.synchronize()
+    same = all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    scores_same = torch.equal(a[0], b[0])
+    slots_same = (a[1] == b[1]).float().mean().item()
+    print(f"  same bits N={N} H={H} half={half} n_keys={n_keys} K={K} same_keys={same_keys} "
+          f"{ws_tiles}: {same} (scores {scores_same}, slots {slots_same:.5f})", flush=True)  # fmt: skip
+    return same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="checks and the default tiles only")
+    args = ap.parse_args()
+    import triton
+
+    print(torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
+    ok = True
+    for shape in [
+        dict(N=16384, H=4, half=256, n_keys=1024, K=32),
+        dict(N=1000, H=2, half=128, n_keys=256, K=16),
+        dict(N=333, H=3, half=64, n_keys=128, K=1),
+        dict(N=4096, H=4, half=256, n_keys=4096, K=32),
+    ]:
+        ok &= check_same(**shape)
+    ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True)
+    ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, stages=4)
+    ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=True)
+    ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=True)
+    ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
+    print(f"checks: {'all same' if ok else 'DIFFER'}", flush=True)
+
+    N, H, half, K = 16384, 4, 256, 32
+    variants = [dict()] if args.quick else [
+        dict(), dict(q_reg=True), dict(stages=4), dict(consumers=1, stages=2),
+        dict(consumers=1, stages=2, q_reg=True), dict(q_reg=True, stages=4),
+    ]  # fmt: skip
+    print("| sub-keys | kernel | whole top-k ms | pass one ms | passes ms | half kernels ms |")
+    print("|---|---|---|---|---|---|")
+    for n_keys in (1024, 4096):
+        q1, q2, k1, k2 = operands(N, H, half, n_keys)
+        count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, ws=True, stop=2)[2]
+        over = count > 2 * K  # past the CAP places the combine kernel ranks
+        blocks = over.reshape(2, H, -1, 64).any(-1).float().mean().item()
+        print(f"| {n_keys} | candidates a row: mean {count.float().mean().item():.1f}, "
+              f"max {count.max().item()}; rows past {2 * K}: {over.float().mean().item():.4f}, "
+              f"64-row blocks with one: {blocks:.3f} | | | |", flush=True)  # fmt: skip
+        t = {s: bench_ms(lambda s=s: triton_topk.product_key_topk_forward(
+            q1, q2, k1, k2, K, ws=False, stop=s)) for s in (0, 1, 2, 3)}  # fmt: skip
+        print(f"| {n_keys} | Triton | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |",
+              flush=True)  # fmt: skip
+        for v in variants:
+            try:
+                t = {s: bench_ms(lambda s=s: triton_topk.product_key_topk_forward(
+                    q1, q2, k1, k2, K, ws=True, ws_tiles=v, stop=s)) for s in (0, 1, 2, 3)}  # fmt: skip
+            except Exception as e:  # a tile that does not compile must not stop the run
+                print(f"| {n_keys} | Gluon {v} | failed: {type(e).__name__}: {str(e)[:200]} |")
+                continue
+            print(f"| {n_keys} | Gluon {v or 'default'} | {t[0]:.3f} | {t[1]:.3f} | "
+                  f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

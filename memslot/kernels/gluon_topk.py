@@ -1,0 +1,307 @@
+"""The half top-k's two passes as a warp-specialised Gluon kernel, for Hopper GPUs.
+
+The Triton half kernel (``triton_topk._half_topk_kernel``) holds two programs a multiprocessor
+(229 registers and 104 KiB of shared memory each), and with so few warps its key loads and its
+matrix products do not overlap: it is latency-bound, not bound by the tensor cores or by L2.
+This kernel splits the same work across warps. One loader warp streams the sub-keys by TMA into
+a ring of STAGES shared-memory stages; two consumer warpgroups, each with 64 query rows of the
+program's 128, score every stage by one asynchronous warpgroup product and hand the stage back.
+Each key chunk loaded serves 128 rows (twice the Triton kernel's), and the loads run ahead of
+the products.
+
+The passes are those of the Triton kernel: pass one keeps the max of each group of sub-keys
+c = g (mod BLOCK_C) and bisects on those maxima for a lower bound on each row's K-th best score;
+pass two stores the scores at or above it (fp32 bits << 32 | sub-key, the ``_raw`` candidates)
+at each row's next places in scratch (2, H, N, WIDE), each place its row's count so far plus a
+product of the chunk's kept mask with the strict upper triangle, and each row's count in late
+(2, H, N). The combine kernel ranks them. A row with fewer than K or more than CAP candidates is
+left to the Triton kernel, launched after this one in its recheck mode: its programs return at
+once unless a row of theirs is out of range, and redo those blocks exactly as they always have.
+
+Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half) and sub-key tables
+whose rows are contiguous, half a multiple of 64, n_keys a multiple of BLOCK_C; ``eligible``
+says when. Gluon has no CPU interpreter: the tests of this path run on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# TMA loads: ``async_load`` in newer Tritons, ``async_copy_global_to_shared`` before
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+ROWS_ = 64  # query rows of each consumer warpgroup (a warpgroup product is 64 rows tall)
+SPLIT_ = 64  # the head dimension is loaded and multiplied in 64-wide slices (128-byte rows)
+ROWS = gl.constexpr(ROWS_)
+SPLIT = gl.constexpr(SPLIT_)
+
+
+@gluon.jit
+def _issue(q_smem, qa, k_smem, stage, C: gl.constexpr, KSPLIT: gl.constexpr,
+           Q_REG: gl.constexpr, zero):  # fmt: skip
+    """Start the products of consumer C's query rows with key stage ``stage``: KSPLIT
+    asynchronous warpgroup products (one a 64-wide slice of the head dimension), whose result
+    (ROWS, BLOCK_C) fp32 is ready after a ``warpgroup_mma_wait``. With Q_REG the query slices
+    are the register operands qa (loaded once), else they are read from shared memory."""
+    for j in gl.static_range(KSPLIT):
+        if Q_REG:
+            a = qa[j]
+        else:
+            a = q_smem.index(C * KSPLIT + j)
+        b = k_smem.index(stage * KSPLIT + j).permute((1, 0))
+        if j == 0:
+            acc = warpgroup_mma(a, b, zero, use_acc=False, is_async=True)
+        else:
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE: gl.constexpr):
+    """Store chunk c0's kept scores at their rows' next places; the rows' new counts."""
+    place = gl.expand_dims(count, 1) + before.to(gl.int32)
+    _store_candidate(row_ptr, place, s, cols + c0, keep & row_ok & (place < WIDE))
+    return count + gl.sum(keep.to(gl.int32), axis=1)
+
+
+@gluon.jit
+def _store_candidate(row_ptr, place, score, col, mask):
+    """Store the candidate (score bits << 32 | col) at ``row_ptr[place]`` where mask, each
+    thread the elements it holds (as ``triton_topk._store_candidate``)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $3, 8, $1; "
+        "@p st.global.v2.b32 [a], {$5, $4}; mov.u32 $0, 0; }",
+        "=r,l,r,r,r,r",
+        [row_ptr.to(gl.int64, bitcast=True), mask.to(gl.int32), place,
+         score.to(gl.int32, bitcast=True), col],
+        dtype=gl.int32,
+        is_pure=False,
+        pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, N, H,
+              n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
+              BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
+              BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
+              NUM_C: gl.constexpr):  # fmt: skip
+    """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
+    are waited for before its result is used: starting the next chunk's first (two results in
+    flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
+    the two consumers already take turns on the tensor cores."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_C, 16]
+    )
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                  k_width=2)  # fmt: skip
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+    h = gl.program_id(1)
+    which = gl.program_id(2)
+    rows = gl.program_id(0) * (NUM_C * ROWS) + C * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    row_mask = rows < N
+    line = (which * H + h) * N + rows  # (which, h, row) in late and scratch
+    zero = gl.zeros([ROWS, BLOCK_C], gl.float32, acc_layout)
+    n_chunks = n_keys // BLOCK_C
+
+    mbarrier.wait(q_bar, 0)
+    qa = ()
+    if Q_REG:
+        for part in gl.static_range(KSPLIT):
+            qa = qa + (q_smem.index(C * KSPLIT + part).load(op_layout),)
+    group_max = gl.full([ROWS, BLOCK_C], float("-inf"), gl.float32, acc_layout)
+    for i in range(n_chunks):
+        stage = i % STAGES
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(empty.index(stage), count=1)
+        group_max = gl.maximum(group_max, s)
+
+    # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum
+    lo = gl.min(group_max, axis=1)
+    hi = gl.max(group_max, axis=1)
+    for _ in gl.static_range(BISECT):
+        mid = lo + (hi - lo) * 0.5
+        reach = gl.sum((group_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1) >= K
+        lo = gl.where(reach, mid, lo)
+        hi = gl.where(reach, hi, mid)
+    bound = gl.expand_dims(lo, 1)
+    if STOP == 1:
+        gl.store(late_ptr + line, lo.to(gl.int32, bitcast=True), mask=row_mask)
+        return
+
+    row_ptr = gl.expand_dims(scratch_ptr + line.to(gl.int64) * WIDE, 1)
+    row_ok = gl.expand_dims(row_mask, 1)
+    cols = gl.expand_dims(gl.arange(0, BLOCK_C, layout=col_layout), 0)
+    count = gl.zeros([ROWS], gl.int32, row_layout)
+    for i in range(n_chunks):
+        j = n_chunks + i
+        stage = j % STAGES
+        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(empty.index(stage), count=1)
+        keep = s >= bound
+        before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout), tri_smem,
+                               zero, use_acc=False, is_async=True)  # fmt: skip
+        before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
+        count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
+    gl.store(late_ptr + line, count, mask=row_mask)
+
+
+@gluon.jit
+def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H, n_keys,
+            BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
+            STOP: gl.constexpr, NUM_C: gl.constexpr):  # fmt: skip
+    """One warp: the program's query rows once, then every key chunk once a pass, by TMA."""
+    h = gl.program_id(1)
+    which = gl.program_id(2)
+    q_row = (which * H + h) * N + gl.program_id(0) * (NUM_C * ROWS)
+    mbarrier.expect(q_bar, NUM_C * KSPLIT * q_desc.block_type.nbytes)
+    for c in gl.static_range(NUM_C):
+        for j in gl.static_range(KSPLIT):
+            _tma_load(q_desc, [q_row + c * ROWS, j * SPLIT], q_bar,
+                           q_smem.index(c * KSPLIT + j))  # fmt: skip
+    n_chunks = n_keys // BLOCK_C
+    passes = 1 if STOP == 1 else 2
+    k_row = h * n_keys
+    for i in range(passes * n_chunks):
+        stage = i % STAGES
+        mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(stage), KSPLIT * k1_desc.block_type.nbytes)
+        c0 = k_row + (i % n_chunks) * BLOCK_C
+        for j in gl.static_range(KSPLIT):
+            if which == 0:
+                _tma_load(k1_desc, [c0, j * SPLIT], ready.index(stage),
+                               k_smem.index(stage * KSPLIT + j))  # fmt: skip
+            else:
+                _tma_load(k2_desc, [c0, j * SPLIT], ready.index(stage),
+                               k_smem.index(stage * KSPLIT + j))  # fmt: skip
+
+
+@gluon.jit
+def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, n_keys,
+                         K: gl.constexpr, WIDE: gl.constexpr, BLOCK_C: gl.constexpr,
+                         KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
+                         STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
+                         NUM_C: gl.constexpr):  # fmt: skip
+    """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
+    program, NUM_C consumer warpgroups (1 or 2) and a loader warp."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k1_desc.dtype, [STAGES * KSPLIT, BLOCK_C, SPLIT],
+                                       k1_desc.layout)  # fmt: skip
+    tri_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_C, BLOCK_C],
+                                                                    gl.bfloat16)  # fmt: skip
+    # tri[c', c] = c' < c: the kept mask times tri counts, for each c, the kept before it
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    r = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, blocked)), 1)
+    c = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, blocked)), 0)
+    tri_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_C, BLOCK_C], tri_layout,
+                                         (r < c).to(gl.bfloat16))  # fmt: skip
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=NUM_C)  # every consumer hands each stage back
+    fence_async_shared()
+
+    if NUM_C == 2:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C)),
+                (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C)),
+                (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
+            ],
+            [1],
+            [LOADER_REGS],
+        )  # fmt: skip
+
+
+def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
+             block_c: int) -> bool:  # fmt: skip
+    """Whether the warp-specialised kernel can take these operands: a Hopper GPU, bf16 halves
+    that are views of one contiguous (2, H, N, half) tensor, half a multiple of 64 up to 256,
+    n_keys a multiple of block_c, topk at most block_c (the group maxima the bound needs)."""
+    if not q1.is_cuda or q1.dtype != torch.bfloat16 or keys1.dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(q1.device)[0] != 9:
+        return False
+    N, H, half = q1.shape
+    n_keys = keys1.shape[1]
+    heads_first = q1.stride() == (half, N * half, 1) and q2.stride() == q1.stride()
+    return (
+        heads_first
+        and q2.data_ptr() == q1.data_ptr() + H * N * half * q1.element_size()
+        and half % SPLIT_ == 0
+        and half <= 256
+        and n_keys % block_c == 0
+        and topk <= block_c
+        and N > 0
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(rows: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
+
+
+def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int, block_c: int = 64,
+                 stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
+                 loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
+                 maxnreg: int | None = None):  # fmt: skip
+    """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
+    (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead."""
+    N, H, half = q1.shape
+    n_keys = keys1.shape[1]
+    rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
+    k1 = keys1.contiguous().view(H * n_keys, half)
+    k2 = keys2.contiguous().view(H * n_keys, half)
+    q_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [ROWS_, SPLIT_],
+                              _layout(ROWS_))  # fmt: skip
+    k1_desc = TensorDescriptor(k1, list(k1.shape), list(k1.stride()), [block_c, SPLIT_],
+                               _layout(block_c))  # fmt: skip
+    k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
+                               _layout(block_c))  # fmt: skip
+    grid = ((N + consumers * ROWS_ - 1) // (consumers * ROWS_), H, 2)
+    return _half_topk_ws_kernel[grid](
+        q_desc, k1_desc, k2_desc, scratch, late, N, H, n_keys, K=topk, WIDE=wide,
+        BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
+        CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
+        NUM_C=consumers, num_warps=4,
+        # one consumer: registers for two programs a multiprocessor (their shared memory fits)
+        **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
+    )  # fmt: skip
