@@ -235,10 +235,10 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
             if "stop" not in v:
                 runs_and_matches(v)
         for bisect in (0, 12):  # how many candidates the bound lets through, per row
-            count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, bisect=bisect, stop=2,
-                                                         ws=False)[  # fmt: skip
-                3
-            ][..., 0].float()
+            out = triton_topk.product_key_topk_forward(
+                q1, q2, k1, k2, K, bisect=bisect, stop=2, ws=False
+            )
+            count = out[3][..., 0].float()
             rows = count.transpose(0, 1).reshape(N, 2 * H)[: N // 64 * 64]
             blocks = rows.view(N // 64, 64, 2 * H).amax(1)  # the kernel falls back by block
             print(

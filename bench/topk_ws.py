@@ -55,6 +55,16 @@ def check_same(N, H, half, n_keys, K, seed=0, same_keys=False, **ws_tiles) -> bo
     return same
 
 
+def stage_times(ops, K, kwargs) -> dict[int, float]:
+    """ms of the whole top-k (0), pass one (1), both passes (2) and the half kernels (3)."""
+    return {
+        stop: bench_ms(
+            lambda stop=stop: triton_topk.product_key_topk_forward(*ops, K, stop=stop, **kwargs)
+        )
+        for stop in (0, 1, 2, 3)
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="checks and the default tiles only")
@@ -92,14 +102,12 @@ def main() -> None:
         print(f"| {n_keys} | candidates a row: mean {count.float().mean().item():.1f}, "
               f"max {count.max().item()}; rows past {2 * K}: {over.float().mean().item():.4f}, "
               f"64-row blocks with one: {blocks:.3f} | | | |", flush=True)  # fmt: skip
-        t = {s: bench_ms(lambda s=s: triton_topk.product_key_topk_forward(
-            q1, q2, k1, k2, K, ws=False, stop=s)) for s in (0, 1, 2, 3)}  # fmt: skip
+        t = stage_times((q1, q2, k1, k2), K, dict(ws=False))
         print(f"| {n_keys} | Triton | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |",
               flush=True)  # fmt: skip
         for v in variants:
             try:
-                t = {s: bench_ms(lambda s=s: triton_topk.product_key_topk_forward(
-                    q1, q2, k1, k2, K, ws=True, ws_tiles=v, stop=s)) for s in (0, 1, 2, 3)}  # fmt: skip
+                t = stage_times((q1, q2, k1, k2), K, dict(ws=True, ws_tiles=v))
             except Exception as e:  # a tile that does not compile must not stop the run
                 print(f"| {n_keys} | Gluon {v} | failed: {type(e).__name__}: {str(e)[:200]} |")
                 continue

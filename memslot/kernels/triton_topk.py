@@ -487,15 +487,15 @@ def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl
 
 
 @triton.jit
-def _rank_places(scratch_ptr, line, count, row_mask, PLACES: tl.constexpr, WIDE: tl.constexpr,
-                 KP: tl.constexpr):  # fmt: skip
-    """(scores, sub-key indices) (rows, KP), descending, of each row's first min(count, PLACES)
-    candidates in scratch (WIDE places a row)."""
-    slot = tl.arange(0, PLACES)
+def _rank_places(scratch_ptr, line, count, row_mask, start, PLACES: tl.constexpr,
+                 WIDE: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+    """The top KP ``_pack`` keys, descending, of each row's candidates in scratch places
+    start .. start + PLACES (WIDE places a row, the first count[row] of them filled)."""
+    slot = start + tl.arange(0, PLACES)
     valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
     cand = tl.load(scratch_ptr + line.to(tl.int64)[:, None] * WIDE + slot[None, :], mask=valid,
                    other=0)  # fmt: skip
-    return _unpack(tl.topk(_rank_key(cand, valid), KP))
+    return tl.topk(_rank_key(cand, valid), KP)
 
 
 @triton.jit
@@ -505,8 +505,8 @@ def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 
     """Half ``which``'s sorted top-K of (token, head) rows r = n * H + h, descending: (scores
     (BLOCK_R, KP) fp32, -inf past K; sub-key indices int32). A row whose count in late
     (2, H, N) is -1 was ranked by the half kernel (read from half_s / half_i); the others are
-    ranked here from their count of candidates in scratch (2, H, N, WIDE): CAP places, or WIDE
-    for the rare program with a row past CAP; with SAVE their
+    ranked here from their count of candidates in scratch (2, H, N, WIDE): CAP places, and for
+    the rare program with a row past CAP the rest CAP at a time, merged in; with SAVE their
     indices are stored to half_i for the backward."""
     N = R // H
     kcol = tl.arange(0, KP)
@@ -514,10 +514,13 @@ def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 
     mask = row_mask[:, None] & (kcol[None, :] < K)
     line = (which * H + rows % H) * N + rows // H  # (which, h, n)
     count = tl.load(late_ptr + line, mask=row_mask, other=0)
-    if (WIDE > CAP) & (tl.max(count, axis=0) > CAP):  # rare: a row past CAP, rank WIDE places
-        score, index = _rank_places(scratch_ptr, line, count, row_mask, WIDE, WIDE, KP)
-    else:
-        score, index = _rank_places(scratch_ptr, line, count, row_mask, CAP, WIDE, KP)
+    best = _rank_places(scratch_ptr, line, count, row_mask, 0, CAP, WIDE, KP)
+    if (WIDE > CAP) & (tl.max(count, axis=0) > CAP):  # rare: a row past CAP places
+        for start in tl.static_range(CAP, WIDE, CAP):  # CAP more at a time, merged in
+            more = _rank_places(scratch_ptr, line, count, row_mask, start, CAP, WIDE, KP)
+            # the larger half of two descending lists is max(a, reversed b), then a sort
+            best = tl.sort(tl.maximum(best, tl.flip(more, 1)), descending=True)
+    score, index = _unpack(best)
     ranked = (count >= 0)[:, None]
     done = mask & (count < 0)[:, None]
     score = tl.where(ranked, score, tl.load(half_s_ptr + off, mask=done, other=0.0))
