@@ -128,6 +128,16 @@ def test_the_recheck_after_the_half_kernel_gives_the_same_bits(n, heads, n_keys,
     assert torch.equal(rechecked[1].sort(-1).values, want_slots.sort(-1).values)
 
 
+def test_the_warp_specialised_path_refuses_what_it_cannot_take():
+    # fp32 halves that are not views of one heads-first tensor: not for the Gluon kernel, and
+    # the recheck and the Gluon kernel both leave the ranking to the combine kernel
+    q1, q2, k1, k2 = random_keys(8, 2, 64, 64, seed=3)
+    with pytest.raises(ValueError, match="ws needs a Hopper GPU"):
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, ws=True)
+    with pytest.raises(ValueError, match="need later"):
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, recheck=True, later=False)
+
+
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 
 

@@ -5,7 +5,8 @@ The Triton half kernel (``triton_topk._half_topk_kernel``) holds two programs a 
 matrix products do not overlap: it is latency-bound, not bound by the tensor cores or by L2.
 This kernel splits the same work across warps. One loader warp streams the sub-keys by TMA into
 a ring of STAGES shared-memory stages; two consumer warpgroups, each with 64 query rows of the
-program's 128, score every stage by one asynchronous warpgroup product and hand the stage back.
+program's 128, score every stage by asynchronous warpgroup products (the query slices held as
+their register operands) and hand the stage back through an mbarrier.
 Each key chunk loaded serves 128 rows (twice the Triton kernel's), and the loads run ahead of
 the products.
 
@@ -14,9 +15,10 @@ c = g (mod BLOCK_C) and bisects on those maxima for a lower bound on each row's 
 pass two stores the scores at or above it (fp32 bits << 32 | sub-key, the ``_raw`` candidates)
 at each row's next places in scratch (2, H, N, WIDE), each place its row's count so far plus a
 product of the chunk's kept mask with the strict upper triangle, and each row's count in late
-(2, H, N). The combine kernel ranks them. A row with fewer than K or more than CAP candidates is
-left to the Triton kernel, launched after this one in its recheck mode: its programs return at
-once unless a row of theirs is out of range, and redo those blocks exactly as they always have.
+(2, H, N). The combine kernel ranks them (up to WIDE a row). A block of 64 rows with a row of
+fewer than K or more than WIDE candidates (ties at the bound) is ranked by
+``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
+chunk.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
@@ -181,7 +183,7 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
     for c in gl.static_range(NUM_C):
         for j in gl.static_range(KSPLIT):
             _tma_load(q_desc, [q_row + c * ROWS, j * SPLIT], q_bar,
-                           q_smem.index(c * KSPLIT + j))  # fmt: skip
+                      q_smem.index(c * KSPLIT + j))  # fmt: skip
     n_chunks = n_keys // BLOCK_C
     passes = 1 if STOP == 1 else 2
     k_row = h * n_keys
@@ -193,10 +195,10 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
         for j in gl.static_range(KSPLIT):
             if which == 0:
                 _tma_load(k1_desc, [c0, j * SPLIT], ready.index(stage),
-                               k_smem.index(stage * KSPLIT + j))  # fmt: skip
+                          k_smem.index(stage * KSPLIT + j))  # fmt: skip
             else:
                 _tma_load(k2_desc, [c0, j * SPLIT], ready.index(stage),
-                               k_smem.index(stage * KSPLIT + j))  # fmt: skip
+                          k_smem.index(stage * KSPLIT + j))  # fmt: skip
 
 
 @gluon.jit
@@ -260,8 +262,9 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
 def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
              block_c: int) -> bool:  # fmt: skip
     """Whether the warp-specialised kernel can take these operands: a Hopper GPU, bf16 halves
-    that are views of one contiguous (2, H, N, half) tensor, half a multiple of 64 up to 256,
-    n_keys a multiple of block_c, topk at most block_c (the group maxima the bound needs)."""
+    that are views of one contiguous (2, H, N, half) tensor at a 16-byte boundary (for TMA),
+    half a multiple of 64 up to 256, n_keys a multiple of block_c, topk at most block_c (the
+    group maxima the bound needs)."""
     if not q1.is_cuda or q1.dtype != torch.bfloat16 or keys1.dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(q1.device)[0] != 9:
@@ -271,6 +274,7 @@ def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
     heads_first = q1.stride() == (half, N * half, 1) and q2.stride() == q1.stride()
     return (
         heads_first
+        and q1.data_ptr() % 16 == 0
         and q2.data_ptr() == q1.data_ptr() + H * N * half * q1.element_size()
         and half % SPLIT_ == 0
         and half <= 256
@@ -300,8 +304,9 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int, bloc
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
-    k1 = keys1.contiguous().view(H * n_keys, half)
-    k2 = keys2.contiguous().view(H * n_keys, half)
+    k1, k2 = (k.contiguous() for k in (keys1, keys2))
+    k1, k2 = (k if k.data_ptr() % 16 == 0 else k.clone() for k in (k1, k2))  # TMA's alignment
+    k1, k2 = k1.view(H * n_keys, half), k2.view(H * n_keys, half)
     q_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [ROWS_, SPLIT_],
                               _layout(ROWS_))  # fmt: skip
     k1_desc = TensorDescriptor(k1, list(k1.shape), list(k1.stride()), [block_c, SPLIT_],

@@ -1,6 +1,6 @@
 """Fused product-key top-k in Triton: scoring, per-half top-k, top-k of the sums.
 
-Two kernels. The half kernel takes BLOCK_N tokens of one half of one head (grid: row blocks x
+Two kernels (three after the Gluon one, below). The half kernel takes BLOCK_N tokens of one half of one head (grid: row blocks x
 heads x 2 halves). It streams the n_keys sub-keys in chunks of BLOCK_C, scored by one matrix
 product per chunk (the key loads pipelined two stages deep), twice: the first pass keeps the max
 of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a bisection on
@@ -248,6 +248,23 @@ def _keep_chunk(s, cols, bound, count, rows, row_mask, scratch, tri,
 
 
 @triton.jit
+def _half_operands(which, h, q1_ptr, q2_ptr, k1_ptr, k2_ptr, stride_q1n, stride_q1h, stride_q2n,
+                   stride_q2h, stride_k1h, stride_k1k, stride_k2h, stride_k2k):  # fmt: skip
+    """(query rows, their row stride, sub-keys, their row stride) of half ``which`` of head h."""
+    if which == 0:
+        q_ptr = q1_ptr + h * stride_q1h
+        stride_qn = stride_q1n
+        keys_ptr = k1_ptr + h * stride_k1h
+        stride_kk = stride_k1k
+    else:
+        q_ptr = q2_ptr + h * stride_q2h
+        stride_qn = stride_q2n
+        keys_ptr = k2_ptr + h * stride_k2h
+        stride_kk = stride_k2k
+    return q_ptr, stride_qn, keys_ptr, stride_kk
+
+
+@triton.jit
 def _half_topk_kernel(
     q1_ptr,
     q2_ptr,
@@ -310,16 +327,10 @@ def _half_topk_kernel(
     """
     h = tl.program_id(1)
     which = tl.program_id(2)  # 0: first half, 1: second half
-    if which == 0:
-        q_ptr = q1_ptr + h * stride_q1h
-        stride_qn = stride_q1n
-        keys_ptr = k1_ptr + h * stride_k1h
-        stride_kk = stride_k1k
-    else:
-        q_ptr = q2_ptr + h * stride_q2h
-        stride_qn = stride_q2n
-        keys_ptr = k2_ptr + h * stride_k2h
-        stride_kk = stride_k2k
+    q_ptr, stride_qn, keys_ptr, stride_kk = _half_operands(
+        which, h, q1_ptr, q2_ptr, k1_ptr, k2_ptr, stride_q1n, stride_q1h, stride_q2n, stride_q2h,
+        stride_k1h, stride_k1k, stride_k2h, stride_k2k,
+    )  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     d = tl.arange(0, HALF_P2)
@@ -384,9 +395,19 @@ def _half_topk_kernel(
                 counts = count_ptr + (which * H + h) * N
                 tl.store(counts + rows, count, mask=row_mask)
                 tl.debug_barrier()
-                _rank_wide(counts, scratch, half_s_ptr, half_i_ptr, which, h, N, H,
-                           tl.program_id(0) * BLOCK_N, K, KP, WIDE,
-                           SUB, BLOCK_N)  # fmt: skip
+                wslot = tl.arange(0, WIDE)
+                for r0 in range(0, BLOCK_N, SUB):
+                    srows = tl.program_id(0) * BLOCK_N + r0 + tl.arange(0, SUB)
+                    smask = srows < N
+                    scount = tl.load(counts + srows, mask=smask, other=0)
+                    valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
+                    cand = tl.load(
+                        scratch + srows[:, None] * WIDE + wslot[None, :], mask=valid, other=0
+                    )
+                    cand = _rank_key(cand, valid)
+                    soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
+                    smk = smask[:, None] & (kcol[None, :] < K)
+                    _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
             else:
                 best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N,
                                          KP, BLOCK_C, EVEN, IEEE)  # fmt: skip
@@ -395,26 +416,6 @@ def _half_topk_kernel(
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
                                      BLOCK_C, EVEN, IEEE)  # fmt: skip
             _store_half(half_s_ptr, half_i_ptr, out_off, out_mask, best)
-
-
-@triton.jit
-def _rank_wide(counts, scratch, half_s_ptr, half_i_ptr, which, h, N, H, row0,
-               K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, SUB: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
-    """Rank rows row0 .. row0 + BLOCK_N from their counts[row] candidates in WIDE scratch
-    places, SUB rows at a time, into half_s / half_i (the rare block with a row over CAP)."""
-    wslot = tl.arange(0, WIDE)
-    kcol = tl.arange(0, KP)
-    for r0 in range(0, BLOCK_N, SUB):
-        srows = row0 + r0 + tl.arange(0, SUB)
-        smask = srows < N
-        scount = tl.load(counts + srows, mask=smask, other=0)
-        valid = (wslot[None, :] < scount[:, None]) & smask[:, None]
-        cand = tl.load(scratch + srows[:, None] * WIDE + wslot[None, :], mask=valid, other=0)
-        cand = _rank_key(cand, valid)
-        soff = which * N * H * K + (srows[:, None] * H + h) * K + kcol[None, :]
-        smk = smask[:, None] & (kcol[None, :] < K)
-        _store_half(half_s_ptr, half_i_ptr, soff, smk, tl.topk(cand, KP))
 
 
 @triton.jit
@@ -442,16 +443,10 @@ def _recheck_kernel(
         seen = tl.load(late_ptr + line, mask=row_mask, other=K)
         if (tl.min(seen, axis=0) < K) | (tl.max(seen, axis=0) > WIDE):
             tl.store(late_ptr + line, tl.full((BLOCK_N,), -1, tl.int32), mask=row_mask)
-            if which == 0:
-                q_ptr = q1_ptr + h * stride_q1h
-                stride_qn = stride_q1n
-                keys_ptr = k1_ptr + h * stride_k1h
-                stride_kk = stride_k1k
-            else:
-                q_ptr = q2_ptr + h * stride_q2h
-                stride_qn = stride_q2n
-                keys_ptr = k2_ptr + h * stride_k2h
-                stride_kk = stride_k2k
+            q_ptr, stride_qn, keys_ptr, stride_kk = _half_operands(
+                which, h, q1_ptr, q2_ptr, k1_ptr, k2_ptr, stride_q1n, stride_q1h, stride_q2n,
+                stride_q2h, stride_k1h, stride_k1k, stride_k2h, stride_k2k,
+            )  # fmt: skip
             q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :],
                         mask=row_mask[:, None] & (d < half)[None, :], other=0.0)  # fmt: skip
             if IEEE:
@@ -783,9 +778,14 @@ def product_key_topk_forward(
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     ws_tiles = dict(ws_tiles or {})
     ws_block_c = ws_tiles.get("block_c", 64)
+    ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
+        q1, q2, keys1, topk, ws_block_c)  # fmt: skip
     if ws is None:
-        ws = later and normed_out is None and gluon_topk is not None and gluon_topk.eligible(
-            q1, q2, keys1, topk, ws_block_c)  # fmt: skip
+        ws = later and ws_ok
+    elif ws and not ws_ok:
+        raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
+                         "half) tensor (no normed_out), half a multiple of 64 up to 256 and "
+                         "n_keys a multiple of the Gluon kernel's block_c")  # fmt: skip
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
