@@ -1,0 +1,91 @@
+"""The warp-specialised Gluon half top-k compiles for Hopper (sm_90a) on any machine.
+
+Gluon has no CPU interpreter, so its results are tested on a Hopper GPU only
+(``test_kernels_triton.test_the_warp_specialised_half_kernel_gives_the_same_bits``). Compiling
+needs no GPU, only Triton's bundled ptxas: this catches what an edit or a Triton upgrade breaks
+(an API that moved, a kernel that spills or outgrows shared memory) on the CPU too.
+"""
+
+import inspect
+import os
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
+try:
+    from memslot.kernels import gluon_topk
+except (ImportError, AttributeError):  # a Triton without (this) Gluon
+    pytest.skip("this Triton has no Gluon for Hopper", allow_module_level=True)
+
+SHARED_MEMORY = 232_448  # bytes a program may use on an H100 / H200 (227 KiB)
+
+
+def compile_for_hopper(half: int, **tiles):
+    """The kernel as ``half_topk_ws`` launches it with its default tiles (overridden by
+    ``tiles``), compiled for sm_90a: (the compiled kernel, cuobjdump's resource usage)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    defaults = inspect.signature(gluon_topk.half_topk_ws).parameters
+    t = {
+        name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty
+    }
+    t.update(tiles)
+    rows, split = gluon_topk.ROWS_, gluon_topk.SPLIT_
+    base = torch.empty(8, split, dtype=torch.bfloat16)  # descriptors only name a type here
+
+    def desc(block):
+        return TensorDescriptor(base, [8, split], [split, 1], [block, split],
+                                gluon_topk._layout(block))  # fmt: skip
+
+    kernel = gluon_topk._half_topk_ws_kernel
+    types = {"q_desc": desc(rows).__mangle__(), "k1_desc": desc(t["block_c"]).__mangle__(),
+             "k2_desc": desc(t["block_c"]).__mangle__(), "scratch_ptr": "*i64",
+             "late_ptr": "*i32", "N": "i32", "H": "i32", "n_keys": "i32"}  # fmt: skip
+    constants = dict(
+        K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
+        BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
+        LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
+    )  # fmt: skip
+    names = list(kernel.arg_names)
+    assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
+    signature = {name: types.get(name, "constexpr") for name in names}
+    source = GluonASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()})
+    options = {"num_warps": 4}
+    if t["consumers"] == 1:
+        options["maxnreg"] = t["maxnreg"] or 128
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("this Triton has no bundled cuobjdump")
+    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"memslot-ws-{os.getpid()}.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    finally:
+        os.remove(cubin)
+    return compiled, usage
+
+
+@pytest.mark.parametrize(
+    "half,tiles",
+    [
+        (256, {}),  # the defaults, at the benchmark's head dimension
+        (128, dict(q_reg=False, stages=3)),  # query slices read from shared memory
+        (256, dict(consumers=1, stages=2)),  # two programs a multiprocessor
+    ],
+)
+def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):
+    compiled, usage = compile_for_hopper(half, **tiles)
+    assert "wgmma.mma_async" in compiled.asm["ptx"]  # the products run on the tensor cores
+    assert "cp.async.bulk.tensor" in compiled.asm["ptx"]  # the loads are TMA copies
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage  # no register spills
+    shared = compiled.metadata.shared
+    assert 0 < shared <= SHARED_MEMORY
+    if tiles.get("consumers") == 1:  # two programs must fit in a multiprocessor
+        assert 2 * shared <= 228 * 1024 - 2 * 1024
