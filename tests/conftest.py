@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from memslot.demo.recipe import TINY, train_demo
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter must be chosen before the first Triton or Gluon module is
+    # imported (its setting is read once): the kernel tests run under it on a machine without
+    # a GPU, whichever test module imports Triton first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from memslot.demo.recipe import TINY, train_demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
