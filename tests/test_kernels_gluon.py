@@ -25,9 +25,14 @@ SHARED_MEMORY = 232_448  # bytes a program may use on an H100 / H200 (227 KiB)
 def compile_for_hopper(half: int, **tiles):
     """The kernel as ``half_topk_ws`` launches it with its default tiles (overridden by
     ``tiles``), compiled for sm_90a: (the compiled kernel, cuobjdump's resource usage)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    except ImportError:
+        pytest.skip("this Triton cannot compile Gluon for a target it is not running on")
+    if not hasattr(TensorDescriptor, "__mangle__"):
+        pytest.skip("this Triton's descriptors do not name their type")
 
     defaults = inspect.signature(gluon_topk.half_topk_ws).parameters
     t = {
