@@ -9,6 +9,7 @@ needs no GPU, only Triton's bundled ptxas: this catches what an edit or a Triton
 import inspect
 import os
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -66,9 +67,9 @@ def compile_for_hopper(half: int, **tiles):
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("this Triton has no bundled cuobjdump")
-    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"memslot-ws-{os.getpid()}.cubin")
-    with open(cubin, "wb") as f:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
+        cubin = f.name
     try:
         usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
                                check=True).stdout  # fmt: skip
