@@ -3,12 +3,17 @@
 Gluon has no CPU interpreter, so its results are tested on a Hopper GPU only
 (``test_kernels_triton.test_the_warp_specialised_half_kernel_gives_the_same_bits``). Compiling
 needs no GPU, only Triton's bundled ptxas: this catches what an edit or a Triton upgrade breaks
-(an API that moved, a kernel that spills or outgrows shared memory) on the CPU too.
+(an API that moved, a kernel that spills or outgrows shared memory) on the CPU too. Each
+compile runs in a child process without TRITON_INTERPRET: under the interpreter (which the CPU
+test run chooses before Triton is imported) Triton's own library functions are interpreted ones
+that no compiler can call.
 """
 
 import inspect
+import json
 import os
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -23,17 +28,18 @@ except (ImportError, AttributeError):  # a Triton without (this) Gluon
 SHARED_MEMORY = 232_448  # bytes a program may use on an H100 / H200 (227 KiB)
 
 
-def compile_for_hopper(half: int, **tiles):
+def compile_report(half: int, tiles: dict) -> dict:
     """The kernel as ``half_topk_ws`` launches it with its default tiles (overridden by
-    ``tiles``), compiled for sm_90a: (the compiled kernel, cuobjdump's resource usage)."""
+    ``tiles``), compiled for sm_90a: what the test checks of it, or {"skip": why}. Run it with
+    the interpreter off (``compile_for_hopper``)."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.experimental.gluon._runtime import GluonASTSource
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     except ImportError:
-        pytest.skip("this Triton cannot compile Gluon for a target it is not running on")
+        return {"skip": "this Triton cannot compile Gluon for a target it is not running on"}
     if not hasattr(TensorDescriptor, "__mangle__"):
-        pytest.skip("this Triton's descriptors do not name their type")
+        return {"skip": "this Triton's descriptors do not name their type"}
 
     defaults = inspect.signature(gluon_topk.half_topk_ws).parameters
     t = {
@@ -66,7 +72,7 @@ def compile_for_hopper(half: int, **tiles):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        pytest.skip("this Triton has no bundled cuobjdump")
+        return {"skip": "this Triton has no bundled cuobjdump"}
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         cubin = f.name
@@ -75,7 +81,31 @@ def compile_for_hopper(half: int, **tiles):
                                check=True).stdout  # fmt: skip
     finally:
         os.remove(cubin)
-    return compiled, usage
+    ptx = compiled.asm["ptx"]
+    return {
+        "wgmma": "wgmma.mma_async" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "usage": usage,
+        "shared": compiled.metadata.shared,
+    }
+
+
+def compile_for_hopper(half: int, **tiles) -> dict:
+    """``compile_report`` in a child process with Triton's interpreter off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); import test_kernels_gluon as t; "
+        f"print(json.dumps(t.compile_report({half}, {tiles!r})))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    return report
 
 
 @pytest.mark.parametrize(
@@ -87,11 +117,12 @@ def compile_for_hopper(half: int, **tiles):
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):
-    compiled, usage = compile_for_hopper(half, **tiles)
-    assert "wgmma.mma_async" in compiled.asm["ptx"]  # the products run on the tensor cores
-    assert "cp.async.bulk.tensor" in compiled.asm["ptx"]  # the loads are TMA copies
+    report = compile_for_hopper(half, **tiles)
+    assert report["wgmma"]  # the products run on the tensor cores
+    assert report["tma"]  # the loads are TMA copies
+    usage = report["usage"]
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage  # no register spills
-    shared = compiled.metadata.shared
+    shared = report["shared"]
     assert 0 < shared <= SHARED_MEMORY
     if tiles.get("consumers") == 1:  # two programs must fit in a multiprocessor
         assert 2 * shared <= 228 * 1024 - 2 * 1024
