@@ -255,7 +255,7 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
     ref_ms = bench_ms(lambda: reference.product_key_topk(q1, q2, k1, k2, K))
     here_ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, later=False))
     triton_ms = bench_ms(lambda: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, ws=False))
-    ws = triton_topk.gluon_topk is not None and triton_topk.gluon_topk.eligible(q1, q2, k1, K, 64)
+    ws = triton_topk.gluon_topk is not None and triton_topk.gluon_topk.eligible(q1, q2, k1, K)
     row(
         f"fused scoring + top-k, {N} tok x {H} heads, {n_keys} sub-keys",
         ms,

@@ -39,7 +39,7 @@ def operands(N, H, half, n_keys, seed=0, same_keys=False):
 
 def check_same(N, H, half, n_keys, K, seed=0, same_keys=False, **ws_tiles) -> bool:
     q1, q2, k1, k2 = operands(N, H, half, n_keys, seed, same_keys)
-    if not gluon_topk.eligible(q1, q2, k1, K, ws_tiles.get("block_c", 64)):
+    if not gluon_topk.eligible(q1, q2, k1, K, ws_tiles.get("block_c", gluon_topk.BLOCK_C_)):
         print(f"  not eligible: N={N} H={H} half={half} n_keys={n_keys} K={K}")
         return False
     a = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, save_for_backward=True,

@@ -166,7 +166,7 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
     )
     if same_keys:
         k1[:, 1:] = k1[:, :1]
-    assert gluon_topk.eligible(q1, q2, k1, topk, 64)
+    assert gluon_topk.eligible(q1, q2, k1, topk)
     triton_only, ws = (
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w)
         for w in (False, True)

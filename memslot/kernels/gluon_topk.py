@@ -50,6 +50,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # TMA loads: ``async_load`` in newer Tritons, ``async_copy_global_to_shared`` before
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
+BLOCK_C_ = 64  # sub-keys a chunk, unless the caller picks another
 ROWS_ = 64  # query rows of each consumer warpgroup (a warpgroup product is 64 rows tall)
 SPLIT_ = 64  # the head dimension is loaded and multiplied in 64-wide slices (128-byte rows)
 ROWS = gl.constexpr(ROWS_)
@@ -260,7 +261,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
 
 
 def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
-             block_c: int) -> bool:  # fmt: skip
+             block_c: int = BLOCK_C_) -> bool:  # fmt: skip
     """Whether the warp-specialised kernel can take these operands: a Hopper GPU, bf16 halves
     that are views of one contiguous (2, H, N, half) tensor at a 16-byte boundary (for TMA),
     half a multiple of 64 up to 256, n_keys a multiple of block_c, topk at most block_c (the
@@ -289,7 +290,8 @@ def _layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
 
 
-def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int, block_c: int = 64,
+def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
+                 block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None):  # fmt: skip

@@ -1,27 +1,28 @@
 """Fused product-key top-k in Triton: scoring, per-half top-k, top-k of the sums.
 
-Two kernels (three after the Gluon one, below). The half kernel takes BLOCK_N tokens of one half of one head (grid: row blocks x
-heads x 2 halves). It streams the n_keys sub-keys in chunks of BLOCK_C, scored by one matrix
-product per chunk (the key loads pipelined two stages deep), twice: the first pass keeps the max
-of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks, and a bisection on
-those maxima gives a value that K of them reach: a lower bound on the K-th best score. The
-second compacts the few scores at or above it (about 43 of 1,024 on random keys) into a small
-per-row scratch list (each as its fp32 bits and index in one int64). Each candidate's place is
-its row's count so far plus a matrix product of the chunk's kept mask with the strict upper
-triangle, and the candidates are stored by inline PTX in the matrix product's own register
-layout (a plain ``tl.store`` first moves the tile, its pointers and its mask to another layout
-through shared memory). One bitonic top-k (``tl.topk`` on (score, index) int64 keys ordered as
-the scores, made from the candidates kept) ranks each row's list: by default in the combine
-kernel, whose small programs hide the sort network's latency better than the half kernel's two
-a multiprocessor (its program ranks WIDE places where a row of it has more than CAP). Ranking
-in the half kernel, a block with a row of more than CAP candidates ranks them from WIDE places,
-SUB rows at a time; past WIDE either way the block falls back to a top-k network over every
-chunk.
+Two kernels (three after the Gluon one, below). The half kernel takes BLOCK_N tokens of one half
+of one head (grid: row blocks x heads x 2 halves). It streams the n_keys sub-keys in chunks of
+BLOCK_C, scored by one matrix product per chunk (the key loads pipelined two stages deep),
+twice: the first pass keeps the max of each group of sub-keys c = g (mod BLOCK_C), elementwise
+across chunks, and a bisection on those maxima gives a value that K of them reach: a lower bound
+on the K-th best score. The second compacts the few scores at or above it (about 43 of 1,024 on
+random keys) into a small per-row scratch list (each as its fp32 bits and index in one int64).
+Each candidate's place is its row's count so far plus a matrix product of the chunk's kept mask
+with the strict upper triangle, and the candidates are stored by inline PTX in the matrix
+product's own register layout (a plain ``tl.store`` first moves the tile, its pointers and its
+mask to another layout through shared memory). One bitonic top-k (``tl.topk`` on (score, index)
+int64 keys ordered as the scores, made from the candidates kept) ranks each row's list: by
+default in the combine kernel, whose small programs hide the sort network's latency better than
+the half kernel's two a multiprocessor (its program ranks WIDE places where a row of it has more
+than CAP). Ranking in the half kernel, a block with a row of more than CAP candidates ranks them
+from WIDE places, SUB rows at a time; past WIDE either way the block falls back to a top-k
+network over every chunk.
+
+Neither the scores nor the k x k sums reach global memory; the candidates (8 bytes each) and
+each half's sorted picks (16 bytes each) do.
 
 On Hopper the candidates come from the warp-specialised Gluon kernel in ``gluon_topk`` instead,
 and ``_recheck_kernel`` then ranks the rare blocks past WIDE by that network.
-Neither the scores nor the k x k sums reach global memory; the candidates (8 bytes each) and
-each half's sorted picks (16 bytes each) do.
 
 The combine kernel (ranking both halves' candidates first, unless the half kernel did) never
 forms the k x k sums either: with both halves sorted in descending order, the pair of
@@ -777,9 +778,8 @@ def product_key_topk_forward(
     late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     ws_tiles = dict(ws_tiles or {})
-    ws_block_c = ws_tiles.get("block_c", 64)
     ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
-        q1, q2, keys1, topk, ws_block_c)  # fmt: skip
+        q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
     if ws is None:
         ws = later and ws_ok
     elif ws and not ws_ok:
@@ -793,7 +793,8 @@ def product_key_topk_forward(
     ieee = q1.dtype == torch.float32 or _INTERPRETED
     if ws:
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk,
-                                                 wide, stop=min(stop, 3) % 3, **ws_tiles)  # fmt: skip
+                                                 wide, stop=stop if stop < 3 else 0,
+                                                 **ws_tiles)  # fmt: skip
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
             return scores, slots, late, None
     else:
