@@ -22,6 +22,8 @@ Backward:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,7 @@ def _bag_forward_kernel(
     out_ptr,
     gate_ptr,
     bag_ptr,
+    N,
     B,
     D,
     stride_v,
@@ -46,28 +49,31 @@ def _bag_forward_kernel(
     KEEP_BAG: tl.constexpr,
 ):
     """out[n] = the bag of token n, or with GATE silu(gate[n]) * the bag (in fp32, rounded once);
-    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient)."""
-    n = tl.program_id(0).to(tl.int64)
+    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient). Program p takes
+    tokens p, p + P, ... (P programs along the tokens): one token each, or with fewer programs
+    than tokens a few multiprocessors' worth that leave the rest to another stream's kernels."""
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_mask = b < B
-        idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
-        rows = tl.load(
-            values_ptr + idx[:, None] * stride_v + d[None, :],
-            mask=b_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
-        acc += tl.sum(rows * w[:, None], axis=0)
-    if GATE:
-        if KEEP_BAG:
-            tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
-        x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        acc = acc * x * tl.sigmoid(x)
-    tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    for token in range(tl.program_id(0), N, tl.num_programs(0)):
+        n = tl.cast(token, tl.int64)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            b_mask = b < B
+            idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
+            w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
+            rows = tl.load(
+                values_ptr + idx[:, None] * stride_v + d[None, :],
+                mask=b_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+            acc += tl.sum(rows * w[:, None], axis=0)
+        if GATE:
+            if KEEP_BAG:
+                tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
+            x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
+            acc = acc * x * tl.sigmoid(x)
+        tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -349,10 +355,11 @@ def embedding_bag_forward(
     indices: torch.Tensor,
     weights: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32, stored in ``out_dtype``;
-    (N, D)."""
-    return _bag_forward(values, indices, weights, out_dtype)[0]
+    (N, D). ``programs``: at most that many programs along the tokens (see ``_bag_forward``)."""
+    return _bag_forward(values, indices, weights, out_dtype, programs=programs)[0]
 
 
 def embedding_bag_forward_gated(
@@ -362,13 +369,25 @@ def embedding_bag_forward_gated(
     gate: torch.Tensor,
     out_dtype: torch.dtype,
     keep_bag: bool = False,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(silu(gate) * bag in ``out_dtype``, the bag in ``out_dtype`` with ``keep_bag`` else None):
     the bag summed and gated in fp32 by the same kernel, rounded once."""
-    return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag)
+    return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag,
+                        programs)  # fmt: skip
 
 
-def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False):
+# The forward's tiles: one program a token (two or three share a multiprocessor), or, with its
+# programs capped (``programs``), one program a multiprocessor that keeps more rows in flight.
+FORWARD_TILES = {"num_warps": 4, "elem_budget": 8192}
+CAPPED_TILES = {"num_warps": 8, "elem_budget": 32768}
+
+
+def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False, programs=None):
+    """With ``programs``, at most that many programs along the tokens (each then takes every
+    programs-th token), else one a token."""
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be at least 1 (or None for one a token), got {programs}")
     N, B = indices.shape
     D = values.shape[1]
     out = torch.empty(N, D, dtype=out_dtype, device=values.device)
@@ -380,14 +399,15 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False)
     if values.stride(1) != 1:
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
-    block_d, block_b = _tiles(D, 8192)
+    tiles = FORWARD_TILES if programs is None else CAPPED_TILES
+    block_d, block_b = _tiles(D, tiles["elem_budget"])
     block_b = min(block_b, max(16, triton.next_power_of_2(B)))  # tiles at least 16 wide
-    grid = (N, triton.cdiv(D, block_d))
+    grid = (N if programs is None else min(N, programs), triton.cdiv(D, block_d))
     _bag_forward_kernel[grid](
         values, indices, weights, out, out if gate is None else gate,
-        out if bag is None else bag, B, D, values.stride(0),
+        out if bag is None else bag, N, B, D, values.stride(0),
         BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, KEEP_BAG=bag is not None,
-        num_warps=4,
+        num_warps=tiles["num_warps"],
     )  # fmt: skip
     return out, bag
 
@@ -725,9 +745,9 @@ class GatedEmbeddingBag(torch.autograd.Function):
     bag backward), then the bag's backward."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, gate, sparse_grad: bool, out_dtype):  # noqa: D102
+    def forward(ctx, values, indices, weights, gate, sparse_grad: bool, out_dtype, programs):  # noqa: D102
         out, bag = embedding_bag_forward_gated(
-            values, indices, weights, gate, out_dtype, keep_bag=any(ctx.needs_input_grad)
+            values, indices, weights, gate, out_dtype, any(ctx.needs_input_grad), programs
         )
         ctx.save_for_backward(values, indices, weights, gate, bag)
         ctx.sparse_grad = sparse_grad
@@ -741,7 +761,7 @@ class GatedEmbeddingBag(torch.autograd.Function):
         grad_values, grad_w = reference.bag_grads(
             TRITON_BAG, d_bag, values, indices, weights, need, ctx.sparse_grad
         )
-        return grad_values, None, grad_w, d_gate, None, None
+        return grad_values, None, grad_w, d_gate, None, None, None
 
 
 def embedding_bag(
@@ -751,11 +771,14 @@ def embedding_bag(
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
     gate: torch.Tensor | None = None,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """Differentiable weighted embedding bag, (N, D) in ``out_dtype``, gated by silu(gate) when
-    given; see ``reference.embedding_bag``."""
+    given; see ``reference.embedding_bag``. ``programs`` caps the forward's programs along the
+    tokens (None: one a token)."""
     if gate is not None:
-        return GatedEmbeddingBag.apply(values, indices, weights, gate, sparse_grad, out_dtype)
-    return reference.EmbeddingBag.apply(
-        values, indices, weights, sparse_grad, TRITON_BAG, out_dtype
-    )
+        return GatedEmbeddingBag.apply(values, indices, weights, gate, sparse_grad, out_dtype,
+                                       programs)  # fmt: skip
+    bag = TRITON_BAG if programs is None else TRITON_BAG._replace(
+        forward=functools.partial(embedding_bag_forward, programs=programs))  # fmt: skip
+    return reference.EmbeddingBag.apply(values, indices, weights, sparse_grad, bag, out_dtype)
