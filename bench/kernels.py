@@ -703,11 +703,6 @@ def gpu_bench(args) -> None:
         step = forward_backward(layer, xg, table, sparse_grad=True)
 
         times, outputs = {}, {}
-        overlap = layer.overlap
-        layer.overlap = None  # lookup, then bag, on one stream
-        plain_ms = bench_ms(fwd)
-        y_plain = fwd()
-        layer.overlap = overlap
         for path in ("triton", "reference"):
             cuda.register() if path == "triton" else cuda.unregister()
             outputs[path] = fwd()
@@ -730,13 +725,6 @@ def gpu_bench(args) -> None:
             f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
         )
         layer_fwd[n_keys] = times["triton"][0]
-        check(torch.equal(y_fast, y_plain), "overlapped layer forward gives the plain one's bits")
-        t = times["triton"][0]
-        row(f"Memory+ layer forward, {cfg.n_slots:,} slots, lookup then bag on one stream",
-            plain_ms, "", f"{plain_ms / ffn_fwd:.2f}x FFN; overlapped {t:.3f} ms "
-            f"({layer.overlap})")  # fmt: skip
-        if args.overlap_sweep:
-            overlap_sweep(layer, fwd, table, x, ffn_fwd, copy_tbs, N, B, D)
         if args.profile and n_keys == args.n_keys[0]:
             profile("layer forward", fwd)
             profile("layer forward+backward", step)
@@ -761,47 +749,6 @@ def gpu_bench(args) -> None:
                 "target <= 1.3x",
             )
         )
-
-
-def overlap_sweep(layer, fwd, table, x, ffn_fwd, copy_tbs, N, B, D) -> None:
-    """The overlapped forward's settings: the bag alone with its programs capped at a share of
-    the multiprocessors (its rate), then the layer forward for chunks x share x bag tiles."""
-    from memslot.kernels import triton_bag
-    from memslot.model.memory import Overlap
-
-    dev = table.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    g = torch.Generator(device=dev).manual_seed(3)
-    idx = torch.randint(0, table.shape[0], (N, B), device=dev, generator=g)
-    w = torch.rand(N, B, device=dev, generator=g)
-    gate = torch.randn(N, D, device=dev, dtype=table.dtype, generator=g)
-    moved = N * B * D * table.element_size()
-    saved_tiles, saved = dict(triton_bag.CAPPED_TILES), layer.overlap
-    tiles = [dict(num_warps=8, elem_budget=32768), dict(num_warps=4, elem_budget=16384),
-             dict(num_warps=16, elem_budget=65536)]  # fmt: skip
-    print("  | bag tiles | share of SMs | bag alone ms | of copy rate |")
-    print("  |---|---|---|---|")
-    with torch.no_grad():
-        for t in tiles:
-            triton_bag.CAPPED_TILES.update(t)
-            for share in (0.25, 0.33, 0.5, 0.67, 1.0):
-                programs = max(1, round(share * sms))
-                ms = bench_ms(lambda p=programs: triton_bag.embedding_bag_forward_gated(
-                    table, idx, w, gate, table.dtype, programs=p))  # fmt: skip
-                print(f"  | {t} | {share} ({programs}) | {ms:.3f} | "
-                      f"{moved / ms / 1e9 / copy_tbs:.0%} |", flush=True)  # fmt: skip
-        print("  | bag tiles | chunks | share | layer forward ms | x FFN |")
-        print("  |---|---|---|---|---|")
-        for t in tiles:
-            triton_bag.CAPPED_TILES.update(t)
-            for chunks in (2, 4, 8):
-                for share in (0.33, 0.5, 0.67):
-                    layer.overlap = Overlap(chunks=chunks, bag_share=share)
-                    ms = bench_ms(fwd)
-                    print(f"  | {t} | {chunks} | {share} | {ms:.3f} | {ms / ffn_fwd:.2f}x |",
-                          flush=True)  # fmt: skip
-    triton_bag.CAPPED_TILES.update(saved_tiles)
-    layer.overlap = saved
 
 
 def profile(what: str, fn, reps: int = 5) -> None:
@@ -891,8 +838,6 @@ def main() -> None:
     p.add_argument("--no-bag", action="store_true", help="skip the bag's timings")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the 1M layer")
-    p.add_argument("--overlap-sweep", action="store_true",
-                   help="the overlapped layer forward's chunks, bag share and bag tiles")  # fmt: skip
     p.add_argument(
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )

@@ -507,30 +507,6 @@ def test_gated_bag_gives_the_reference_output_and_gradients(dtype, sparse):
         assert rel_err(got, want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("programs", [1, 3, 1000])
-def test_the_bag_with_its_programs_capped_gives_the_same_bits(programs, gated):
-    # fewer programs than tokens: each takes every programs-th token, in the same order
-    n = 7 * BIG
-    values, indices, weights, _ = bag_inputs(n, 5, 40, 33, torch.bfloat16, seed=5)
-    gate = torch.randn(n, 33, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    gate = gate.to(torch.bfloat16) if gated else None
-    want = triton_bag.embedding_bag(values, indices, weights, False, torch.bfloat16, gate)
-    got = triton_bag.embedding_bag(values, indices, weights, False, torch.bfloat16, gate, programs)
-    assert torch.equal(got, want)
-
-
-def test_the_dispatch_point_passes_the_cap_on_and_refuses_no_programs():
-    # on CUDA the cap reaches the Triton kernel, on the CPU the reference runs without it
-    values, indices, weights, _ = bag_inputs(4, 3, 8, 4, torch.float32, seed=0)
-    want = kernels.embedding_bag(values, indices, weights)
-    assert torch.equal(kernels.embedding_bag(values, indices, weights, programs=2), want)
-    with pytest.raises(ValueError, match="programs must be at least 1"):
-        kernels.embedding_bag(values, indices, weights, programs=0)
-    with pytest.raises(ValueError, match="programs must be at least 1"):
-        triton_bag.embedding_bag_forward(values, indices, weights, programs=0)
-
-
 def test_value_gradient_is_bitwise_deterministic():
     # many repeats of few slots: any order-dependent accumulation would show in the low bits
     values, indices, weights, grad_out = bag_inputs(40 * BIG, 16, 5, 33, torch.float32, seed=2)
@@ -601,28 +577,6 @@ def test_memory_layer_trains_through_the_kernels_like_the_reference(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name in fast[4]:
         torch.testing.assert_close(fast[4][name], slow[4][name], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.skipif(not CUDA, reason="the overlapped forward needs CUDA streams")
-@pytest.mark.parametrize("chunks,bag_share", [(2, 0.5), (4, 0.25), (3, 1.0)])
-def test_the_overlapped_layer_forward_gives_the_plain_forwards_bits(chunks, bag_share):
-    from memslot.model.config import MemoryConfig
-    from memslot.model.memory import Overlap, ProductKeyMemory
-
-    torch.manual_seed(0)
-    cfg = MemoryConfig(n_keys=128, heads=4, topk=32, k_dim=256, layers=(0,))
-    layer = ProductKeyMemory(512, 512, cfg, 0).to(DEVICE, torch.bfloat16)
-    values = (torch.randn(cfg.n_slots, 512, device=DEVICE) * 0.02).to(torch.bfloat16)
-    x = torch.randn(2, 3000, 512, device=DEVICE, dtype=torch.bfloat16)  # stretches of 1,500+
-    layer.overlap = Overlap(chunks=chunks, bag_share=bag_share, min_tokens=1)
-    with torch.no_grad():
-        assert layer._overlaps(x, values)
-        y, lookup = layer(x, values)
-        layer.overlap = None
-        y_plain, lookup_plain = layer(x, values)
-    assert torch.equal(lookup.slots, lookup_plain.slots)
-    assert torch.equal(lookup.weights, lookup_plain.weights)
-    assert torch.equal(y, y_plain)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -6,7 +6,7 @@ import torch
 from memslot.model.checkpoint import load_model, save_model
 from memslot.model.config import ConfigError, MemoryConfig, ModelConfig
 from memslot.model.generate import generate
-from memslot.model.memory import Overlap, PatchedValues, ProductKeyMemory
+from memslot.model.memory import PatchedValues
 from memslot.model.train import exact_match
 from memslot.model.transformer import MemoryTransformer, PromptTooLongError
 
@@ -225,21 +225,3 @@ def test_teacher_forced_exact_match_agrees_with_greedy_decoding(tiny_model_dir):
         slow.append(g.stopped_at_eos and g.text == answer)
     assert fast == slow
     assert any(fast), "the tiny model should know some of its training facts"
-
-
-def test_the_overlapped_forward_is_for_large_gradient_free_cuda_batches_only():
-    with pytest.raises(ValueError, match="chunks must be at least 2"):
-        Overlap(chunks=1)
-    with pytest.raises(ValueError, match="bag_share must be in"):
-        Overlap(bag_share=0.0)
-    torch.manual_seed(0)
-    cfg = MemoryConfig(n_keys=8, heads=2, topk=2, k_dim=8, layers=(0,))
-    layer = ProductKeyMemory(16, 16, cfg, 0)
-    layer.overlap = Overlap(chunks=2, min_tokens=1)
-    x, values = torch.randn(1, 8, 16), torch.randn(cfg.n_slots, 16)
-    with torch.no_grad():
-        assert not layer._overlaps(x, values)  # the CPU has no streams to overlap on
-        y, lookup = layer(x, values)
-    slots, weights = layer.lookup(x.view(8, 16))
-    assert torch.equal(lookup.slots.view(8, 2, 2), slots)
-    assert torch.equal(y, layer.read(x, values, slots, weights))

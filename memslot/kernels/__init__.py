@@ -58,26 +58,15 @@ def embedding_bag(
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
     gate: torch.Tensor | None = None,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """Weighted sum of value rows, (N, D), accumulated in fp32 and rounded once to
     ``out_dtype``; with ``gate`` (N, D), silu(gate) times that sum, gated in fp32 before the
-    rounding. See ``reference.embedding_bag``.
-
-    ``programs`` caps a fast kernel's programs along the tokens, so that it holds only part of
-    the GPU while another stream's kernels run beside it (the memory layer's overlapped
-    forward); the result is the same. The reference has no use for it and ignores it."""
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs must be at least 1 (or None), got {programs}")
+    rounding. See ``reference.embedding_bag``."""
     if _cpu_fp32(values) and "embedding_bag" not in _BACKENDS.get("cpu", {}):
         return reference.embedding_bag_native(
             values, indices, weights, sparse_grad, out_dtype, gate
         )
-    fast = _BACKENDS.get(values.device.type, {}).get("embedding_bag")
-    if fast is None:
-        return reference.embedding_bag(values, indices, weights, sparse_grad, out_dtype, gate)
-    extra = {} if programs is None else {"programs": programs}
-    return fast(values, indices, weights, sparse_grad, out_dtype, gate, **extra)
+    return _pick("embedding_bag", values)(values, indices, weights, sparse_grad, out_dtype, gate)
 
 
 def _register_optional_backends() -> None:

@@ -22,8 +22,6 @@ Backward:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +37,6 @@ def _bag_forward_kernel(
     out_ptr,
     gate_ptr,
     bag_ptr,
-    N,
     B,
     D,
     stride_v,
@@ -49,31 +46,28 @@ def _bag_forward_kernel(
     KEEP_BAG: tl.constexpr,
 ):
     """out[n] = the bag of token n, or with GATE silu(gate[n]) * the bag (in fp32, rounded once);
-    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient). Program p takes
-    tokens p, p + P, ... (P programs along the tokens): one token each, or with fewer programs
-    than tokens a few multiprocessors' worth that leave the rest to another stream's kernels."""
+    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient)."""
+    n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    for token in range(tl.program_id(0), N, tl.num_programs(0)):
-        n = tl.cast(token, tl.int64)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            b = b0 + tl.arange(0, BLOCK_B)
-            b_mask = b < B
-            idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
-            w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
-            rows = tl.load(
-                values_ptr + idx[:, None] * stride_v + d[None, :],
-                mask=b_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
-            acc += tl.sum(rows * w[:, None], axis=0)
-        if GATE:
-            if KEEP_BAG:
-                tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
-            x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
-            acc = acc * x * tl.sigmoid(x)
-        tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_mask = b < B
+        idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
+        rows = tl.load(
+            values_ptr + idx[:, None] * stride_v + d[None, :],
+            mask=b_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+        acc += tl.sum(rows * w[:, None], axis=0)
+    if GATE:
+        if KEEP_BAG:
+            tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
+        x = tl.load(gate_ptr + n * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        acc = acc * x * tl.sigmoid(x)
+    tl.store(out_ptr + n * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -355,11 +349,10 @@ def embedding_bag_forward(
     indices: torch.Tensor,
     weights: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """out[n] = sum_b weights[n, b] * values[indices[n, b]] in fp32, stored in ``out_dtype``;
-    (N, D). ``programs``: at most that many programs along the tokens (see ``_bag_forward``)."""
-    return _bag_forward(values, indices, weights, out_dtype, programs=programs)[0]
+    (N, D)."""
+    return _bag_forward(values, indices, weights, out_dtype)[0]
 
 
 def embedding_bag_forward_gated(
@@ -369,25 +362,13 @@ def embedding_bag_forward_gated(
     gate: torch.Tensor,
     out_dtype: torch.dtype,
     keep_bag: bool = False,
-    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(silu(gate) * bag in ``out_dtype``, the bag in ``out_dtype`` with ``keep_bag`` else None):
     the bag summed and gated in fp32 by the same kernel, rounded once."""
-    return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag,
-                        programs)  # fmt: skip
+    return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag)
 
 
-# The forward's tiles: one program a token (two or three share a multiprocessor), or, with its
-# programs capped (``programs``), one program a multiprocessor that keeps more rows in flight.
-FORWARD_TILES = {"num_warps": 4, "elem_budget": 8192}
-CAPPED_TILES = {"num_warps": 8, "elem_budget": 32768}
-
-
-def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False, programs=None):
-    """With ``programs``, at most that many programs along the tokens (each then takes every
-    programs-th token), else one a token."""
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs must be at least 1 (or None for one a token), got {programs}")
+def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False):
     N, B = indices.shape
     D = values.shape[1]
     out = torch.empty(N, D, dtype=out_dtype, device=values.device)
@@ -399,15 +380,14 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False,
     if values.stride(1) != 1:
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
-    tiles = FORWARD_TILES if programs is None else CAPPED_TILES
-    block_d, block_b = _tiles(D, tiles["elem_budget"])
+    block_d, block_b = _tiles(D, 8192)
     block_b = min(block_b, max(16, triton.next_power_of_2(B)))  # tiles at least 16 wide
-    grid = (N if programs is None else min(N, programs), triton.cdiv(D, block_d))
+    grid = (N, triton.cdiv(D, block_d))
     _bag_forward_kernel[grid](
         values, indices, weights, out, out if gate is None else gate,
-        out if bag is None else bag, N, B, D, values.stride(0),
+        out if bag is None else bag, B, D, values.stride(0),
         BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, KEEP_BAG=bag is not None,
-        num_warps=tiles["num_warps"],
+        num_warps=4,
     )  # fmt: skip
     return out, bag
 
@@ -745,9 +725,9 @@ class GatedEmbeddingBag(torch.autograd.Function):
     bag backward), then the bag's backward."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, gate, sparse_grad: bool, out_dtype, programs):  # noqa: D102
+    def forward(ctx, values, indices, weights, gate, sparse_grad: bool, out_dtype):  # noqa: D102
         out, bag = embedding_bag_forward_gated(
-            values, indices, weights, gate, out_dtype, any(ctx.needs_input_grad), programs
+            values, indices, weights, gate, out_dtype, keep_bag=any(ctx.needs_input_grad)
         )
         ctx.save_for_backward(values, indices, weights, gate, bag)
         ctx.sparse_grad = sparse_grad
@@ -761,7 +741,7 @@ class GatedEmbeddingBag(torch.autograd.Function):
         grad_values, grad_w = reference.bag_grads(
             TRITON_BAG, d_bag, values, indices, weights, need, ctx.sparse_grad
         )
-        return grad_values, None, grad_w, d_gate, None, None, None
+        return grad_values, None, grad_w, d_gate, None, None
 
 
 def embedding_bag(
@@ -771,14 +751,11 @@ def embedding_bag(
     sparse_grad: bool = False,
     out_dtype: torch.dtype = torch.float32,
     gate: torch.Tensor | None = None,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """Differentiable weighted embedding bag, (N, D) in ``out_dtype``, gated by silu(gate) when
-    given; see ``reference.embedding_bag``. ``programs`` caps the forward's programs along the
-    tokens (None: one a token)."""
+    given; see ``reference.embedding_bag``."""
     if gate is not None:
-        return GatedEmbeddingBag.apply(values, indices, weights, gate, sparse_grad, out_dtype,
-                                       programs)  # fmt: skip
-    bag = TRITON_BAG if programs is None else TRITON_BAG._replace(
-        forward=functools.partial(embedding_bag_forward, programs=programs))  # fmt: skip
-    return reference.EmbeddingBag.apply(values, indices, weights, sparse_grad, bag, out_dtype)
+        return GatedEmbeddingBag.apply(values, indices, weights, gate, sparse_grad, out_dtype)
+    return reference.EmbeddingBag.apply(
+        values, indices, weights, sparse_grad, TRITON_BAG, out_dtype
+    )

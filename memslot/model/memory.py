@@ -57,44 +57,11 @@ class PatchedValues:
         return base + correction
 
 
-@dataclass(frozen=True)
-class Overlap:
-    """How the layer's forward on CUDA, without gradients (serving, evaluation), overlaps its
-    two halves: the lookup (projection, qk-norm, top-k, softmax) is compute-bound and the bag is
-    bound by the table's bandwidth, so the tokens go in ``chunks`` stretches and each stretch's
-    lookup runs on a side stream while the stretch before reads the table on the layer's
-    stream. The bag's programs are capped at ``bag_share`` of the GPU's multiprocessors (one
-    program each), which leaves the rest to the lookups beside it. Only for batches of at least
-    ``min_tokens`` tokens; the result is the same bits as the plain forward's."""
-
-    chunks: int = 4
-    bag_share: float = 0.5
-    min_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.chunks < 2:
-            raise ValueError(f"Overlap.chunks must be at least 2, got {self.chunks}")
-        if not 0.0 < self.bag_share <= 1.0:
-            raise ValueError(f"Overlap.bag_share must be in (0, 1], got {self.bag_share}")
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream a CUDA device for the layers' overlapped lookups."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_model: int, value_dim: int, cfg: MemoryConfig, layer_index: int):
         super().__init__()
         self.cfg = cfg
         self.layer_index = layer_index
-        self.overlap: Overlap | None = Overlap()  # None: lookup, then bag, on one stream
         half = cfg.k_dim // 2
         self.query = nn.Linear(d_model, cfg.heads * cfg.k_dim, bias=False)
         # (H, 2, n_keys, k_dim/2): two sets of sub-keys per head
@@ -149,57 +116,7 @@ class ProductKeyMemory(nn.Module):
         topk: int | None = None,
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
-        if self._overlaps(x, values):
-            y, slots, weights = self._forward_overlapped(x, values, topk)
-        else:
-            slots, weights = self.lookup(x, topk)  # (N, H, k)
-            y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
+        slots, weights = self.lookup(x, topk)  # (N, H, k)
+        y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))
-
-    def _overlaps(self, x: torch.Tensor, values: torch.Tensor | PatchedValues) -> bool:
-        o = self.overlap
-        return (
-            o is not None
-            and x.is_cuda
-            and not torch.is_grad_enabled()
-            and isinstance(values, torch.Tensor)
-            and x.numel() // x.shape[-1] >= max(o.min_tokens, o.chunks)
-        )
-
-    def _forward_overlapped(
-        self, x: torch.Tensor, values: torch.Tensor, topk: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, slots, weights) as ``lookup`` then ``read`` give them, by ``self.overlap``."""
-        o = self.overlap
-        assert o is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        N = x2.shape[0]
-        main = torch.cuda.current_stream(x.device)
-        side = _side_stream(x.device)
-        side.wait_stream(main)  # x is ready for the side stream
-        step = -(-N // o.chunks)
-        bounds = [(a, min(a + step, N)) for a in range(0, N, step)]
-        lookups = []
-        with torch.cuda.stream(side):
-            for a, b in bounds:
-                slots, weights = self.lookup(x2[a:b], topk)
-                lookups.append((slots, weights, side.record_event()))
-            slots = torch.cat([s for s, _, _ in lookups])
-            weights = torch.cat([w for _, w, _ in lookups])
-        gate = self.gate(x2)  # beside the first stretch's lookup
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, round(o.bag_share * sms))
-        y = torch.empty(N, self.out.out_features, dtype=x.dtype, device=x.device)
-        for (a, b), (s, w, done) in zip(bounds, lookups, strict=True):
-            main.wait_event(done)
-            s.record_stream(main)  # made on the side stream, read on this one
-            w.record_stream(main)
-            memory = kernels.embedding_bag(
-                values, s.flatten(1), w.flatten(1), False, x.dtype, gate[a:b], programs
-            )
-            torch.mm(memory, self.out.weight.t(), out=y[a:b])
-        main.wait_stream(side)  # the concatenated slots and weights
-        slots.record_stream(main)
-        weights.record_stream(main)
-        return y.view(*x.shape[:-1], -1), slots, weights
