@@ -85,10 +85,15 @@ def main() -> None:
     ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=False)
     ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=False)
     ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
+    for compact in (0, 2):
+        ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, compact=compact)
+        ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, compact=compact)
+        ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, compact=compact)
     print(f"checks: {'all same' if ok else 'DIFFER'}", flush=True)
 
     N, H, half, K = 16384, 4, 256, 32
-    variants = [dict()] if args.quick else [  # the defaults: query in registers, 4 stages
+    compacts = [dict(compact=0), dict(compact=2)]
+    variants = [dict(), *compacts] if args.quick else [*compacts,  # the defaults: query in registers, 4 stages
         dict(), dict(q_reg=False), dict(stages=3), dict(q_reg=False, stages=3),
         dict(consumers=1, stages=2), dict(consumers=1, stages=2, q_reg=False),
     ]  # fmt: skip

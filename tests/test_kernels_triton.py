@@ -152,8 +152,9 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
         (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
     ],
 )
+@pytest.mark.parametrize("compact", [0, 1, 2])  # triangle product; quad scan; and warp skips
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,
-                                                              same_keys):  # fmt: skip
+                                                              same_keys, compact):  # fmt: skip
     from memslot.kernels import gluon_topk
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -168,9 +169,10 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
         k1[:, 1:] = k1[:, :1]
     assert gluon_topk.eligible(q1, q2, k1, topk)
     triton_only, ws = (
-        triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w)
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w,
+                                             ws_tiles={"compact": compact} if w else None)
         for w in (False, True)
-    )
+    )  # fmt: skip
     for a, b in zip(triton_only, ws, strict=True):  # scores, slots, half indices, pair ranks
         assert torch.equal(a, b)
 

@@ -13,9 +13,14 @@ the products.
 The passes are those of the Triton kernel: pass one keeps the max of each group of sub-keys
 c = g (mod BLOCK_C) and bisects on those maxima for a lower bound on each row's K-th best score;
 pass two stores the scores at or above it (fp32 bits << 32 | sub-key, the ``_raw`` candidates)
-at each row's next places in scratch (2, H, N, WIDE), each place its row's count so far plus a
-product of the chunk's kept mask with the strict upper triangle, and each row's count in late
-(2, H, N). The combine kernel ranks them (up to WIDE a row). A block of 64 rows with a row of
+at each row's next places in scratch (2, H, N, WIDE) and each row's count in late (2, H, N).
+The combine kernel ranks them (up to WIDE a row), so their order in a row does not matter: by
+default (COMPACT 1) each thread counts its kept scores of its two rows, a scan over the four
+lanes that share the rows gives each thread its first place, and the thread stores its own in
+order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 2 also lets a warp jump
+over an element none of its lanes keeps (worth it where few are kept, at many sub-keys); COMPACT
+0 places them as the Triton kernel does, by a product of the kept mask with the strict upper
+triangle. A block of 64 rows with a row of
 fewer than K or more than WIDE candidates (ties at the bound) is ranked by
 ``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
 chunk.
@@ -36,6 +41,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -85,6 +91,97 @@ def _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE: gl.cons
     return count + gl.sum(keep.to(gl.int32), axis=1)
 
 
+@triton.constexpr_function
+def _quad_compact_asm(block_c: int, wide: int, skip: bool) -> str:
+    """PTX that stores one chunk's kept scores of a thread's two rows and gives their new counts.
+
+    A thread of a warpgroup product's (64, block_c) fp32 result holds block_c / 2 elements:
+    element j at row r + 8 * ((j >> 1) & 1) and column 2 * (lane % 4) + (j & 1) + 8 * (j >> 2),
+    the four lanes of a quad sharing rows. Operands: $0.. the outputs (each element its row's
+    new count), then E = block_c / 2 each of the scores (f32), the bound, the count so far, the
+    row's scratch pointer and the chunk's first column c0. Each thread counts its kept scores a
+    row, a scan over the quad gives its first place (the places of a row's thread in lane order,
+    each thread's in element order: the combine ranks them, so their order does not matter),
+    and a row whose count would pass WIDE stores nothing more (its block is rechecked). With
+    ``skip`` a warp jumps over an element that none of its lanes keeps."""
+    e = block_c // 2
+    s, b, c, ptr, c0 = (e * (k + 1) for k in range(5))
+    out = [
+        "{",
+        ".reg .pred p, v, q0, q1;",
+        ".reg .b32 n0, n1, i0, i1, c0, c1, t, col, k0, k1;",
+        f".reg .b32 m<{e}>;",
+        ".reg .b64 a;",
+        "mov.b32 n0, 0;",
+        "mov.b32 n1, 0;",
+    ]
+    # m_j = -1 where element j is kept, else 0; n_r = minus the row's kept in this thread
+    for j in range(e):
+        r = (j >> 1) & 1
+        out += [f"set.ge.u32.f32 m{j}, ${s + j}, ${b + 2 * r};", f"add.s32 n{r}, n{r}, m{j};"]
+    for r in (0, 1):
+        out += [
+            f"neg.s32 n{r}, n{r};",
+            f"mov.b32 i{r}, n{r};",  # inclusive scan over the quad's lanes
+            f"shfl.sync.up.b32 t|p, i{r}, 1, 0x1c00, 0xffffffff;",
+            f"@p add.s32 i{r}, i{r}, t;",
+            f"shfl.sync.up.b32 t|p, i{r}, 2, 0x1c00, 0xffffffff;",
+            f"@p add.s32 i{r}, i{r}, t;",
+            f"shfl.sync.idx.b32 t, i{r}, 3, 0x1c1f, 0xffffffff;",  # the row's kept this chunk
+            f"add.s32 c{r}, ${c + 2 * r}, t;",  # its new count
+            f"setp.le.s32 q{r}, c{r}, {wide};",  # all of them fit in the row's places
+            f"sub.s32 k{r}, i{r}, n{r};",
+            f"add.s32 k{r}, k{r}, ${c + 2 * r};",  # this thread's next place in the row
+        ]
+    out += [
+        "mov.u32 t, %laneid;",
+        "and.b32 t, t, 3;",
+        "shl.b32 t, t, 1;",
+        f"add.s32 col, t, ${c0};",
+    ]
+    for j in range(e):
+        r = (j >> 1) & 1
+        out.append(f"setp.ne.and.s32 p, m{j}, 0, q{r};")
+        if skip:
+            out += ["vote.sync.any.pred v, p, 0xffffffff;", f"@!v bra.uni SKIP{j}_${{:uid}};"]
+        out += [
+            f"mad.wide.s32 a, k{r}, 8, ${ptr + 2 * r};",
+            f"add.s32 t, col, {(j & 1) + 8 * (j >> 2)};",
+            f"@p st.global.v2.b32 [a], {{t, ${s + j}}};",
+        ]
+        if skip:
+            out.append(f"SKIP{j}_${{:uid}}:")
+        out.append(f"sub.s32 k{r}, k{r}, m{j};")
+    out += [f"mov.b32 ${j}, c{(j >> 1) & 1};" for j in range(e)]
+    out.append("}")
+    return " ".join(out)
+
+
+@triton.constexpr_function
+def _quad_compact_constraints(block_c: int) -> str:
+    e = block_c // 2
+    return ",".join(["=r"] * e + ["f"] * e + ["f"] * e + ["r"] * e + ["l"] * e + ["r"] * e)
+
+
+@gluon.jit
+def _first(a, b):
+    return a
+
+
+@gluon.jit
+def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr,
+                  SKIP: gl.constexpr):  # fmt: skip
+    """Chunk c0's kept scores (s >= bound) stored at their rows' next places (from count); the
+    rows' new counts. See ``_quad_compact_asm``."""
+    asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE, SKIP)
+    new = gl.inline_asm_elementwise(
+        asm, _quad_compact_constraints(BLOCK_C),
+        [s, bound, gl.expand_dims(count, 1), row_ptr.to(gl.int64, bitcast=True), c0],
+        dtype=gl.int32, is_pure=False, pack=BLOCK_C // 2,
+    )  # fmt: skip
+    return gl.reduce(new, 1, _first)  # each element holds its row's count
+
+
 @gluon.jit
 def _store_candidate(row_ptr, place, score, col, mask):
     """Store the candidate (score bits << 32 | col) at ``row_ptr[place]`` where mask, each
@@ -106,7 +203,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
-              NUM_C: gl.constexpr):  # fmt: skip
+              NUM_C: gl.constexpr, COMPACT: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
     are waited for before its result is used: starting the next chunk's first (two results in
     flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
@@ -156,7 +253,8 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     row_ptr = gl.expand_dims(scratch_ptr + line.to(gl.int64) * WIDE, 1)
     row_ok = gl.expand_dims(row_mask, 1)
     cols = gl.expand_dims(gl.arange(0, BLOCK_C, layout=col_layout), 0)
-    count = gl.zeros([ROWS], gl.int32, row_layout)
+    # rows past N start over WIDE: they store nothing (and their counts are not stored)
+    count = gl.where(row_mask, 0, 1 << 30).to(gl.int32)
     for i in range(n_chunks):
         j = n_chunks + i
         stage = j % STAGES
@@ -164,11 +262,15 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(empty.index(stage), count=1)
-        keep = s >= bound
-        before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout), tri_smem,
-                               zero, use_acc=False, is_async=True)  # fmt: skip
-        before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
-        count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
+        if COMPACT == 0:
+            keep = s >= bound
+            before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout),
+                                   tri_smem, zero, use_acc=False, is_async=True)  # fmt: skip
+            before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
+            count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
+        else:
+            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, WIDE,
+                                  COMPACT == 2)  # fmt: skip
     gl.store(late_ptr + line, count, mask=row_mask)
 
 
@@ -208,7 +310,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
                          KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
-                         NUM_C: gl.constexpr):  # fmt: skip
+                         NUM_C: gl.constexpr, COMPACT: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1 or 2) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -236,10 +338,10 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C)),
+                             STOP, Q_REG, NUM_C, COMPACT)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C)),
+                             STOP, Q_REG, NUM_C, COMPACT)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
             ],
@@ -251,7 +353,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C)),
+                             STOP, Q_REG, NUM_C, COMPACT)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
             ],
@@ -294,7 +396,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
-                 maxnreg: int | None = None):  # fmt: skip
+                 maxnreg: int | None = None, compact: int = 1):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead.
 
@@ -320,7 +422,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         q_desc, k1_desc, k2_desc, scratch, late, N, H, n_keys, K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
