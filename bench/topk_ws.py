@@ -85,32 +85,40 @@ def main() -> None:
     ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=False)
     ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=False)
     ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
-    for compact in (0, 2):
-        ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, compact=compact)
-        ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, compact=compact)
-        ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, compact=compact)
+    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4)):
+        ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, **tiles)
+        ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, **tiles)
+        ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, **tiles)
     print(f"checks: {'all same' if ok else 'DIFFER'}", flush=True)
 
     N, H, half, K = 16384, 4, 256, 32
-    compacts = [dict(compact=0), dict(compact=2)]
-    variants = [dict(), *compacts] if args.quick else [*compacts,  # the defaults: query in registers, 4 stages
-        dict(), dict(q_reg=False), dict(stages=3), dict(q_reg=False, stages=3),
-        dict(consumers=1, stages=2), dict(consumers=1, stages=2, q_reg=False),
-    ]  # fmt: skip
+    # the defaults (query in registers, 4 stages, places by quad scans, pass one over half the
+    # sub-keys from 2,048), then the places by the triangle and pass one over 1, 1/2, 1/4 of them
+    variants = [dict(), dict(compact=0), dict(sample=1), dict(sample=2), dict(sample=4)]
+    if not args.quick:
+        variants += [dict(q_reg=False), dict(stages=3), dict(q_reg=False, stages=3),
+                     dict(consumers=1, stages=2), dict(consumers=1, stages=2, q_reg=False)]  # fmt: skip
     print("| sub-keys | kernel | whole top-k ms | pass one ms | passes ms | half kernels ms |")
     print("|---|---|---|---|---|---|")
     for n_keys in (1024, 4096):
         q1, q2, k1, k2 = operands(N, H, half, n_keys)
-        count = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, ws=True, stop=2)[2]
-        over = count > 2 * K  # past the CAP places the combine kernel ranks
-        blocks = over.reshape(2, H, -1, 64).any(-1).float().mean().item()
-        print(f"| {n_keys} | candidates a row: mean {count.float().mean().item():.1f}, "
-              f"max {count.max().item()}; rows past {2 * K}: {over.float().mean().item():.4f}, "
-              f"64-row blocks with one: {blocks:.3f} | | | |", flush=True)  # fmt: skip
+        for sample in (1, 2, 4):
+            count = triton_topk.product_key_topk_forward(
+                q1, q2, k1, k2, K, ws=True, stop=2, ws_tiles=dict(sample=sample))[2]  # fmt: skip
+            over = count > 2 * K  # past the CAP places the combine kernel ranks
+            blocks = over.reshape(2, H, -1, 64).any(-1).float().mean().item()
+            wide = (count > 128).reshape(2, H, -1, 64).any(-1).float().mean().item()
+            print(f"| {n_keys} | pass one over 1/{sample}: candidates a row: mean "
+                  f"{count.float().mean().item():.1f}, max {count.max().item()}; rows past "
+                  f"{2 * K}: {over.float().mean().item():.4f}, 64-row blocks with one: "
+                  f"{blocks:.3f}, with one past 128 (rechecked): {wide:.4f} | | | |",
+                  flush=True)  # fmt: skip
         t = stage_times((q1, q2, k1, k2), K, dict(ws=False))
         print(f"| {n_keys} | Triton | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |",
               flush=True)  # fmt: skip
         for v in variants:
+            if n_keys // 64 // v.get("sample", 1) < 1:
+                continue
             try:
                 t = stage_times((q1, q2, k1, k2), K, dict(ws=True, ws_tiles=v))
             except Exception as e:  # a tile that does not compile must not stop the run
@@ -118,6 +126,11 @@ def main() -> None:
                 continue
             print(f"| {n_keys} | Gluon {v or 'default'} | {t[0]:.3f} | {t[1]:.3f} | "
                   f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
+        for sample in (2, 4):  # more candidates a row: the combine kernel ranking 128 at once
+            t = stage_times((q1, q2, k1, k2), K,
+                            dict(ws=True, ws_tiles=dict(sample=sample), cap=128))  # fmt: skip
+            print(f"| {n_keys} | Gluon sample {sample}, combine cap 128 | {t[0]:.3f} | "
+                  f"{t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
     sys.exit(0 if ok else 1)
 
 

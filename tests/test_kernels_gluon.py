@@ -61,7 +61,7 @@ def compile_report(half: int, tiles: dict) -> dict:
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"],
+        COMPACT=t["compact"], SAMPLE=t["sample"] or 1,
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
@@ -116,7 +116,7 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (128, dict(q_reg=False, stages=3)),  # query slices read from shared memory
         (256, dict(consumers=1, stages=2)),  # two programs a multiprocessor
         (256, dict(compact=0)),  # places by a product with the triangle
-        (256, dict(compact=2)),  # places by a scan over the quad, warps skipping
+        (256, dict(sample=2)),  # pass one over half the sub-keys
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):

@@ -17,10 +17,8 @@ at each row's next places in scratch (2, H, N, WIDE) and each row's count in lat
 The combine kernel ranks them (up to WIDE a row), so their order in a row does not matter: by
 default (COMPACT 1) each thread counts its kept scores of its two rows, a scan over the four
 lanes that share the rows gives each thread its first place, and the thread stores its own in
-order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 2 also lets a warp jump
-over an element none of its lanes keeps (worth it where few are kept, at many sub-keys); COMPACT
-0 places them as the Triton kernel does, by a product of the kept mask with the strict upper
-triangle. A block of 64 rows with a row of
+order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 0 places them as the
+Triton kernel does, by a product of the kept mask with the strict upper triangle. A block of 64 rows with a row of
 fewer than K or more than WIDE candidates (ties at the bound) is ranked by
 ``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
 chunk.
@@ -57,6 +55,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK_C_ = 64  # sub-keys a chunk, unless the caller picks another
+SAMPLE_FROM_ = 2048  # from this many sub-keys, pass one reads only the first half of them
 ROWS_ = 64  # query rows of each consumer warpgroup (a warpgroup product is 64 rows tall)
 SPLIT_ = 64  # the head dimension is loaded and multiplied in 64-wide slices (128-byte rows)
 ROWS = gl.constexpr(ROWS_)
@@ -92,7 +91,7 @@ def _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE: gl.cons
 
 
 @triton.constexpr_function
-def _quad_compact_asm(block_c: int, wide: int, skip: bool) -> str:
+def _quad_compact_asm(block_c: int, wide: int) -> str:
     """PTX that stores one chunk's kept scores of a thread's two rows and gives their new counts.
 
     A thread of a warpgroup product's (64, block_c) fp32 result holds block_c / 2 elements:
@@ -102,13 +101,12 @@ def _quad_compact_asm(block_c: int, wide: int, skip: bool) -> str:
     row's scratch pointer and the chunk's first column c0. Each thread counts its kept scores a
     row, a scan over the quad gives its first place (the places of a row's thread in lane order,
     each thread's in element order: the combine ranks them, so their order does not matter),
-    and a row whose count would pass WIDE stores nothing more (its block is rechecked). With
-    ``skip`` a warp jumps over an element that none of its lanes keeps."""
+    and a row whose count would pass WIDE stores nothing more (its block is rechecked)."""
     e = block_c // 2
     s, b, c, ptr, c0 = (e * (k + 1) for k in range(5))
     out = [
         "{",
-        ".reg .pred p, v, q0, q1;",
+        ".reg .pred p, q0, q1;",
         ".reg .b32 n0, n1, i0, i1, c0, c1, t, col, k0, k1;",
         f".reg .b32 m<{e}>;",
         ".reg .b64 a;",
@@ -142,15 +140,11 @@ def _quad_compact_asm(block_c: int, wide: int, skip: bool) -> str:
     for j in range(e):
         r = (j >> 1) & 1
         out.append(f"setp.ne.and.s32 p, m{j}, 0, q{r};")
-        if skip:
-            out += ["vote.sync.any.pred v, p, 0xffffffff;", f"@!v bra.uni SKIP{j}_${{:uid}};"]
         out += [
             f"mad.wide.s32 a, k{r}, 8, ${ptr + 2 * r};",
             f"add.s32 t, col, {(j & 1) + 8 * (j >> 2)};",
             f"@p st.global.v2.b32 [a], {{t, ${s + j}}};",
         ]
-        if skip:
-            out.append(f"SKIP{j}_${{:uid}}:")
         out.append(f"sub.s32 k{r}, k{r}, m{j};")
     out += [f"mov.b32 ${j}, c{(j >> 1) & 1};" for j in range(e)]
     out.append("}")
@@ -169,11 +163,10 @@ def _first(a, b):
 
 
 @gluon.jit
-def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr,
-                  SKIP: gl.constexpr):  # fmt: skip
+def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr):
     """Chunk c0's kept scores (s >= bound) stored at their rows' next places (from count); the
     rows' new counts. See ``_quad_compact_asm``."""
-    asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE, SKIP)
+    asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE)
     new = gl.inline_asm_elementwise(
         asm, _quad_compact_constraints(BLOCK_C),
         [s, bound, gl.expand_dims(count, 1), row_ptr.to(gl.int64, bitcast=True), c0],
@@ -203,7 +196,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
-              NUM_C: gl.constexpr, COMPACT: gl.constexpr):  # fmt: skip
+              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
     are waited for before its result is used: starting the next chunk's first (two results in
     flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
@@ -222,6 +215,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     line = (which * H + h) * N + rows  # (which, h, row) in late and scratch
     zero = gl.zeros([ROWS, BLOCK_C], gl.float32, acc_layout)
     n_chunks = n_keys // BLOCK_C
+    n_bound = n_chunks // SAMPLE  # the chunks pass one reads
 
     mbarrier.wait(q_bar, 0)
     qa = ()
@@ -229,7 +223,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         for part in gl.static_range(KSPLIT):
             qa = qa + (q_smem.index(C * KSPLIT + part).load(op_layout),)
     group_max = gl.full([ROWS, BLOCK_C], float("-inf"), gl.float32, acc_layout)
-    for i in range(n_chunks):
+    for i in range(n_bound):
         stage = i % STAGES
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
@@ -256,7 +250,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     # rows past N start over WIDE: they store nothing (and their counts are not stored)
     count = gl.where(row_mask, 0, 1 << 30).to(gl.int32)
     for i in range(n_chunks):
-        j = n_chunks + i
+        j = n_bound + i
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
@@ -269,15 +263,14 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
             count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
         else:
-            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, WIDE,
-                                  COMPACT == 2)  # fmt: skip
+            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, WIDE)
     gl.store(late_ptr + line, count, mask=row_mask)
 
 
 @gluon.jit
 def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H, n_keys,
             BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
-            STOP: gl.constexpr, NUM_C: gl.constexpr):  # fmt: skip
+            STOP: gl.constexpr, NUM_C: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
     """One warp: the program's query rows once, then every key chunk once a pass, by TMA."""
     h = gl.program_id(1)
     which = gl.program_id(2)
@@ -288,13 +281,14 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
             _tma_load(q_desc, [q_row + c * ROWS, j * SPLIT], q_bar,
                       q_smem.index(c * KSPLIT + j))  # fmt: skip
     n_chunks = n_keys // BLOCK_C
-    passes = 1 if STOP == 1 else 2
+    n_bound = n_chunks // SAMPLE
+    loads = n_bound if STOP == 1 else n_bound + n_chunks
     k_row = h * n_keys
-    for i in range(passes * n_chunks):
+    for i in range(loads):
         stage = i % STAGES
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(stage), KSPLIT * k1_desc.block_type.nbytes)
-        c0 = k_row + (i % n_chunks) * BLOCK_C
+        c0 = k_row + (i - (i >= n_bound).to(gl.int32) * n_bound) * BLOCK_C
         for j in gl.static_range(KSPLIT):
             if which == 0:
                 _tma_load(k1_desc, [c0, j * SPLIT], ready.index(stage),
@@ -310,7 +304,8 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
                          KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
-                         NUM_C: gl.constexpr, COMPACT: gl.constexpr):  # fmt: skip
+                         NUM_C: gl.constexpr, COMPACT: gl.constexpr,
+                         SAMPLE: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1 or 2) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -338,12 +333,12 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -353,9 +348,9 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C)),
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
             [1],
             [LOADER_REGS],
@@ -396,7 +391,8 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
-                 maxnreg: int | None = None, compact: int = 1):  # fmt: skip
+                 maxnreg: int | None = None, compact: int = 1,
+                 sample: int | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead.
 
@@ -417,12 +413,17 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                                _layout(block_c))  # fmt: skip
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
+    if sample is None:  # pass one over half the sub-keys where there are many
+        sample = 2 if n_keys >= SAMPLE_FROM_ else 1
+    if sample < 1 or n_keys // block_c // sample < 1:
+        raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
+                         f"got {sample}")  # fmt: skip
     grid = ((N + consumers * ROWS_ - 1) // (consumers * ROWS_), H, 2)
     return _half_topk_ws_kernel[grid](
         q_desc, k1_desc, k2_desc, scratch, late, N, H, n_keys, K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
