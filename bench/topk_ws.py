@@ -107,11 +107,11 @@ def main() -> None:
                 q1, q2, k1, k2, K, ws=True, stop=2, ws_tiles=dict(sample=sample))[2]  # fmt: skip
             over = count > 2 * K  # past the CAP places the combine kernel ranks
             blocks = over.reshape(2, H, -1, 64).any(-1).float().mean().item()
-            wide = (count > 128).reshape(2, H, -1, 64).any(-1).float().mean().item()
+            wide = (count > 128 * sample).reshape(2, H, -1, 64).any(-1).float().mean().item()
             print(f"| {n_keys} | pass one over 1/{sample}: candidates a row: mean "
                   f"{count.float().mean().item():.1f}, max {count.max().item()}; rows past "
                   f"{2 * K}: {over.float().mean().item():.4f}, 64-row blocks with one: "
-                  f"{blocks:.3f}, with one past 128 (rechecked): {wide:.4f} | | | |",
+                  f"{blocks:.3f}, with one past {128 * sample} (rechecked): {wide:.4f} | | | |",
                   flush=True)  # fmt: skip
         t = stage_times((q1, q2, k1, k2), K, dict(ws=False))
         print(f"| {n_keys} | Triton | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |",
@@ -126,10 +126,13 @@ def main() -> None:
                 continue
             print(f"| {n_keys} | Gluon {v or 'default'} | {t[0]:.3f} | {t[1]:.3f} | "
                   f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
-        for sample in (2, 4):  # more candidates a row: the combine kernel ranking 128 at once
-            t = stage_times((q1, q2, k1, k2), K,
-                            dict(ws=True, ws_tiles=dict(sample=sample), cap=128))  # fmt: skip
-            print(f"| {n_keys} | Gluon sample {sample}, combine cap 128 | {t[0]:.3f} | "
+        # more candidates a row: places for them, the combine kernel ranking cap at a time
+        for sample, wide, cap in ((2, 256, 128), (2, 256, 256), (2, 512, None), (4, 512, None)):
+            if n_keys // 64 // sample < 1:
+                continue
+            t = stage_times((q1, q2, k1, k2), K, dict(ws=True, ws_tiles=dict(sample=sample),
+                                                      wide=wide, cap=cap))  # fmt: skip
+            print(f"| {n_keys} | Gluon sample {sample}, wide {wide}, cap {cap} | {t[0]:.3f} | "
                   f"{t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
     sys.exit(0 if ok else 1)
 

@@ -382,6 +382,12 @@ def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
     )
 
 
+def default_sample(n_keys: int) -> int:
+    """Pass one reads 1 / sample of the sub-keys: half of them from SAMPLE_FROM_ on (the scores
+    at or above the looser bound, about twice as many, need twice the places a row)."""
+    return 2 if n_keys >= SAMPLE_FROM_ else 1
+
+
 @functools.lru_cache(maxsize=8)
 def _layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
@@ -413,8 +419,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                                _layout(block_c))  # fmt: skip
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
-    if sample is None:  # pass one over half the sub-keys where there are many
-        sample = 2 if n_keys >= SAMPLE_FROM_ else 1
+    sample = default_sample(n_keys) if sample is None else sample
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip

@@ -768,15 +768,7 @@ def product_key_topk_forward(
     block_c = max(kp, min(block_c or tiles["block_c"], _next_pow2(n_keys, 16)))
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
     half_p2 = _next_pow2(half, 16)
-    # candidate places per row in scratch: a block with a row of more than cap (but at most
-    # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
-    wide = max(cap, _next_pow2(wide or tiles["wide"]))
-    sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
-    scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
-    counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
     later = tiles["later"] if later is None else later
-    late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
-    combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     ws_tiles = dict(ws_tiles or {})
     ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
         q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
@@ -789,6 +781,17 @@ def product_key_topk_forward(
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
+    if ws:  # a pass one over a share of the sub-keys: a looser bound, more places a row
+        sample = ws_tiles.setdefault("sample", gluon_topk.default_sample(n_keys))
+        wide = wide or tiles["wide"] * sample
+    # candidate places per row in scratch: a block with a row of more than cap (but at most
+    # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
+    wide = max(cap, _next_pow2(wide or tiles["wide"]))
+    sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
+    scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
+    counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
+    late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
+    combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     even = n_keys % block_c == 0 and half == half_p2
     ieee = q1.dtype == torch.float32 or _INTERPRETED
     if ws:
