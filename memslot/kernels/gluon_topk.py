@@ -18,10 +18,11 @@ The combine kernel ranks them (up to WIDE a row), so their order in a row does n
 default (COMPACT 1) each thread counts its kept scores of its two rows, a scan over the four
 lanes that share the rows gives each thread its first place, and the thread stores its own in
 order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 0 places them as the
-Triton kernel does, by a product of the kept mask with the strict upper triangle. A block of 64 rows with a row of
-fewer than K or more than WIDE candidates (ties at the bound) is ranked by
+Triton kernel does, by a product of the kept mask with the strict upper triangle. A block of 64
+rows with a row of fewer than K or more than WIDE candidates (ties at the bound) is ranked by
 ``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
-chunk.
+chunk. With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the bound is
+still one that K scores reach, only looser, and about SAMPLE times as many candidates pass it.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
@@ -29,9 +30,9 @@ It gives the same bits as the Triton path (its products are the same warpgroup p
 has no CPU interpreter: the tests of this path run on the GPU.
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
-0.29 ms against 0.44 for the Triton half kernel at 1,024 sub-keys (pass one 0.13 against
-0.17), 1.05 against 1.56 at 4,096; the whole top-k 0.456 ms against 0.586 and 1.23 against
-1.71.
+0.26 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.14 against
+0.18), 0.94 against 1.56 at 4,096; the whole top-k 0.41 ms against 0.58 and 1.04 against
+1.67.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK_C_ = 64  # sub-keys a chunk, unless the caller picks another
-SAMPLE_FROM_ = 2048  # from this many sub-keys, pass one reads only the first half of them
 ROWS_ = 64  # query rows of each consumer warpgroup (a warpgroup product is 64 rows tall)
 SPLIT_ = 64  # the head dimension is loaded and multiplied in 64-wide slices (128-byte rows)
 ROWS = gl.constexpr(ROWS_)
@@ -382,12 +382,6 @@ def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
     )
 
 
-def default_sample(n_keys: int) -> int:
-    """Pass one reads 1 / sample of the sub-keys: half of them from SAMPLE_FROM_ on (the scores
-    at or above the looser bound, about twice as many, need twice the places a row)."""
-    return 2 if n_keys >= SAMPLE_FROM_ else 1
-
-
 @functools.lru_cache(maxsize=8)
 def _layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
@@ -397,15 +391,17 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
-                 maxnreg: int | None = None, compact: int = 1,
-                 sample: int | None = None):  # fmt: skip
+                 maxnreg: int | None = None, compact: int = 1, sample: int = 1):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
     1.220; one consumer a program (two programs a multiprocessor, ``maxnreg`` 128) 0.481 /
-    1.245. BLOCK_C 128 and 2 stages: pass one 0.20 ms against 0.13.
+    1.245. BLOCK_C 128 and 2 stages: pass one 0.20 ms against 0.13. Places by quad scans
+    (``compact`` 1) 0.41 / 1.04 against 0.45 / 1.18 by the triangle product (0). Pass one over
+    half the chunks (``sample`` 2, with 256 places a row) takes both passes at 4,096 to 0.74
+    ms, but the combine kernel then ranks twice the candidates (1.25 ms in all), so it is off.
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -419,7 +415,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                                _layout(block_c))  # fmt: skip
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
-    sample = default_sample(n_keys) if sample is None else sample
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
