@@ -136,6 +136,14 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, ws=True)
     with pytest.raises(ValueError, match="need later"):
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, recheck=True, later=False)
+    try:
+        from memslot.kernels import gluon_topk
+    except (ImportError, AttributeError):  # a Triton without (this) Gluon
+        return
+    # pass one must read at least one chunk of 64 sub-keys (refused before any launch)
+    for sample in (0, 2):
+        with pytest.raises(ValueError, match=r"sample must be in \[1, n_keys / block_c = 1\]"):
+            gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9

@@ -99,8 +99,8 @@ def _quad_compact_asm(block_c: int, wide: int) -> str:
     the four lanes of a quad sharing rows. Operands: $0.. the outputs (each element its row's
     new count), then E = block_c / 2 each of the scores (f32), the bound, the count so far, the
     row's scratch pointer and the chunk's first column c0. Each thread counts its kept scores a
-    row, a scan over the quad gives its first place (the places of a row's thread in lane order,
-    each thread's in element order: the combine ranks them, so their order does not matter),
+    row, a scan over the quad gives its first place (a row's places go to its four lanes in lane
+    order, each lane's in element order: the combine ranks them, so the order does not matter),
     and a row whose count would pass WIDE stores nothing more (its block is rechecked)."""
     e = block_c // 2
     s, b, c, ptr, c0 = (e * (k + 1) for k in range(5))
@@ -159,6 +159,7 @@ def _quad_compact_constraints(block_c: int) -> str:
 
 @gluon.jit
 def _first(a, b):
+    """A reduction's combine that keeps its first operand: for tensors whose rows hold one value."""
     return a
 
 
@@ -271,7 +272,8 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
 def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H, n_keys,
             BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
             STOP: gl.constexpr, NUM_C: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
-    """One warp: the program's query rows once, then every key chunk once a pass, by TMA."""
+    """One warp, by TMA: the program's query rows once, then the first 1 / SAMPLE of the key
+    chunks (pass one) and every chunk (pass two)."""
     h = gl.program_id(1)
     which = gl.program_id(2)
     q_row = (which * H + h) * N + gl.program_id(0) * (NUM_C * ROWS)
@@ -405,6 +407,9 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
+    if sample < 1 or n_keys // block_c // sample < 1:
+        raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
+                         f"got {sample}")  # fmt: skip
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
     k1, k2 = (k.contiguous() for k in (keys1, keys2))
     k1, k2 = (k if k.data_ptr() % 16 == 0 else k.clone() for k in (k1, k2))  # TMA's alignment
@@ -415,9 +420,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                                _layout(block_c))  # fmt: skip
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
-    if sample < 1 or n_keys // block_c // sample < 1:
-        raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
-                         f"got {sample}")  # fmt: skip
     grid = ((N + consumers * ROWS_ - 1) // (consumers * ROWS_), H, 2)
     return _half_topk_ws_kernel[grid](
         q_desc, k1_desc, k2_desc, scratch, late, N, H, n_keys, K=topk, WIDE=wide,
