@@ -511,8 +511,9 @@ def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 
     line = (which * H + rows % H) * N + rows // H  # (which, h, n)
     count = tl.load(late_ptr + line, mask=row_mask, other=0)
     best = _rank_places(scratch_ptr, line, count, row_mask, 0, CAP, WIDE, KP)
-    if (WIDE > CAP) & (tl.max(count, axis=0) > CAP):  # rare: a row past CAP places
-        for start in tl.static_range(CAP, WIDE, CAP):  # CAP more at a time, merged in
+    if WIDE > CAP:  # rare: a row past CAP places; CAP more at a time up to its count, merged in
+        most = tl.minimum(tl.max(count, axis=0), WIDE)
+        for start in range(CAP, most, CAP):
             more = _rank_places(scratch_ptr, line, count, row_mask, start, CAP, WIDE, KP)
             # the larger half of two descending lists is max(a, reversed b), then a sort
             best = tl.sort(tl.maximum(best, tl.flip(more, 1)), descending=True)
