@@ -52,6 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from memslot.kernels.ptx import STORE_CANDIDATE, STORE_CANDIDATE_CONSTRAINTS
+
 # TMA loads: ``async_load`` in newer Tritons, ``async_copy_global_to_shared`` before
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -179,11 +181,10 @@ def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.
 @gluon.jit
 def _store_candidate(row_ptr, place, score, col, mask):
     """Store the candidate (score bits << 32 | col) at ``row_ptr[place]`` where mask, each
-    thread the elements it holds (as ``triton_topk._store_candidate``)."""
+    thread the elements it holds (``ptx.STORE_CANDIDATE``, as ``triton_topk._store_candidate``)."""
     return gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $3, 8, $1; "
-        "@p st.global.v2.b32 [a], {$5, $4}; mov.u32 $0, 0; }",
-        "=r,l,r,r,r,r",
+        STORE_CANDIDATE,
+        STORE_CANDIDATE_CONSTRAINTS,
         [row_ptr.to(gl.int64, bitcast=True), mask.to(gl.int32), place,
          score.to(gl.int32, bitcast=True), col],
         dtype=gl.int32,

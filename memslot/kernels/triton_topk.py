@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memslot.kernels.ptx import STORE_CANDIDATE, STORE_CANDIDATE_CONSTRAINTS
 from memslot.kernels.reference import RMS_EPS
 
 try:  # Gluon (Triton's explicit-layout dialect) for the warp-specialised half kernel on Hopper
@@ -154,9 +155,8 @@ def _store_candidate(row_ptr, place, score, col, mask):
     the candidate's two words are formed inside the PTX from the row's pointer, the int32 place,
     the score's bits and the index, so no 64-bit pointer or value tile is held in registers."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $3, 8, $1; "
-        "@p st.global.v2.b32 [a], {$5, $4}; mov.u32 $0, 0; }",
-        "=r,l,r,r,r,r",
+        STORE_CANDIDATE,
+        STORE_CANDIDATE_CONSTRAINTS,
         [row_ptr.to(tl.int64, bitcast=True), mask.to(tl.int32), place,
          score.to(tl.int32, bitcast=True), col],
         dtype=tl.int32,
