@@ -75,6 +75,16 @@ def test_fused_topk_falls_back_exactly_when_the_threshold_passes_too_many(wide, 
     assert torch.equal(slots.sort(-1).values, want_slots.sort(-1).values)
 
 
+def assert_same_bits_and_exact(first, second, q1, q2, k1, k2, topk):
+    """Two runs of the fused top-k give the same bits (scores, slots, half indices, pair ranks),
+    and the second the brute force's top-k."""
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
+    torch.testing.assert_close(second[0], want_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(second[1].sort(-1).values, want_slots.sort(-1).values)
+
+
 @pytest.mark.parametrize(
     "n,heads,n_keys,half,topk,tiles",
     [
@@ -94,11 +104,7 @@ def test_ranking_in_the_half_or_the_combine_kernel_gives_the_same_bits(
         )
         for later in (False, True)
     )
-    for a, b in zip(here, there, strict=True):  # scores, slots, half indices, pair ranks
-        assert torch.equal(a, b)
-    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
-    torch.testing.assert_close(there[0], want_scores, atol=1e-5, rtol=1e-5)
-    assert torch.equal(there[1].sort(-1).values, want_slots.sort(-1).values)
+    assert_same_bits_and_exact(here, there, q1, q2, k1, k2, topk)
 
 
 @pytest.mark.parametrize(
@@ -121,11 +127,7 @@ def test_the_recheck_after_the_half_kernel_gives_the_same_bits(n, heads, n_keys,
         )
         for recheck in (False, True)
     )
-    for a, b in zip(plain, rechecked, strict=True):  # scores, slots, half indices, pair ranks
-        assert torch.equal(a, b)
-    want_scores, want_slots = reference.brute_force_topk(q1, q2, k1, k2, topk)
-    torch.testing.assert_close(rechecked[0], want_scores, atol=1e-5, rtol=1e-5)
-    assert torch.equal(rechecked[1].sort(-1).values, want_slots.sort(-1).values)
+    assert_same_bits_and_exact(plain, rechecked, q1, q2, k1, k2, topk)
 
 
 def test_the_warp_specialised_path_refuses_what_it_cannot_take():
