@@ -61,8 +61,7 @@ def compile_report(half: int, tiles: dict) -> dict:
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"], REFRESH=t["refresh"],
-        REFRESH_STEPS=t["refresh_steps"],
+        COMPACT=t["compact"], SAMPLE=t["sample"],
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
@@ -118,7 +117,6 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (256, dict(consumers=1, stages=2)),  # two programs a multiprocessor
         (256, dict(compact=0)),  # places by a product with the triangle
         (256, dict(sample=2)),  # pass one over half the sub-keys
-        (256, dict(sample=2, refresh=4)),  # ... and the bound raised as pass two reads the rest
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):

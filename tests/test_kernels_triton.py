@@ -146,9 +146,6 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     for sample in (0, 2):
         with pytest.raises(ValueError, match=r"sample must be in \[1, n_keys / block_c = 1\]"):
             gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample)
-    for bad in (dict(refresh=-1), dict(refresh=2, refresh_steps=0)):
-        with pytest.raises(ValueError, match="refresh must be >= 0"):
-            gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, **bad)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -171,8 +168,6 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
         dict(compact=1, sample=1),  # places by a scan over each quad of lanes
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
-        dict(compact=1, sample=2, refresh=4),  # raised every 4 chunks of the other half
-        dict(compact=1, sample=4, refresh=1),  # raised after each chunk of the other 3/4
     ],
 )
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,

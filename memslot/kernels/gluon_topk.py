@@ -194,26 +194,11 @@ def _store_candidate(row_ptr, place, score, col, mask):
 
 
 @gluon.jit
-def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr):
-    """A value that K of each row's group maxima reach, by STEPS halvings of [lo, largest
-    maximum]; lo must be one they reach (the smallest maximum, or an earlier bound: the
-    maxima only grow)."""
-    hi = gl.max(group_max, axis=1)
-    for _ in gl.static_range(STEPS):
-        mid = lo + (hi - lo) * 0.5
-        reach = gl.sum((group_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1) >= K
-        lo = gl.where(reach, mid, lo)
-        hi = gl.where(reach, hi, mid)
-    return lo
-
-
-@gluon.jit
 def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, N, H,
               n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
-              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              REFRESH: gl.constexpr, REFRESH_STEPS: gl.constexpr):  # fmt: skip
+              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
     are waited for before its result is used: starting the next chunk's first (two results in
     flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
@@ -249,7 +234,13 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         group_max = gl.maximum(group_max, s)
 
     # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum
-    lo = _raise_bound(group_max, gl.min(group_max, axis=1), K, BISECT)
+    lo = gl.min(group_max, axis=1)
+    hi = gl.max(group_max, axis=1)
+    for _ in gl.static_range(BISECT):
+        mid = lo + (hi - lo) * 0.5
+        reach = gl.sum((group_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1) >= K
+        lo = gl.where(reach, mid, lo)
+        hi = gl.where(reach, hi, mid)
     bound = gl.expand_dims(lo, 1)
     if STOP == 1:
         gl.store(late_ptr + line, lo.to(gl.int32, bitcast=True), mask=row_mask)
@@ -260,7 +251,6 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     cols = gl.expand_dims(gl.arange(0, BLOCK_C, layout=col_layout), 0)
     # rows past N start over WIDE: they store nothing (and their counts are not stored)
     count = gl.where(row_mask, 0, 1 << 30).to(gl.int32)
-    n_rest = n_chunks - n_bound  # the chunks pass one did not read: pass two takes them first
     for i in range(n_chunks):
         j = n_bound + i
         stage = j % STAGES
@@ -268,24 +258,14 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(empty.index(stage), count=1)
-        c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
         if COMPACT == 0:
             keep = s >= bound
             before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout),
                                    tri_smem, zero, use_acc=False, is_async=True)  # fmt: skip
             before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
-            count = _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE)
+            count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
         else:
-            count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE)
-        if REFRESH > 0:  # the group maxima grow with each unread chunk: raise the bound
-            if i < n_rest:
-                group_max = gl.maximum(group_max, s)
-                if i + 1 == n_rest:  # the last: the bound the read chunks are kept by
-                    lo = _raise_bound(group_max, lo, K, BISECT)
-                    bound = gl.expand_dims(lo, 1)
-                elif (i + 1) % REFRESH == 0:
-                    lo = _raise_bound(group_max, lo, K, REFRESH_STEPS)
-                    bound = gl.expand_dims(lo, 1)
+            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, WIDE)
     gl.store(late_ptr + line, count, mask=row_mask)
 
 
@@ -311,7 +291,7 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
         stage = i % STAGES
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(stage), KSPLIT * k1_desc.block_type.nbytes)
-        c0 = k_row + (i - (i >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C  # unread first
+        c0 = k_row + (i - (i >= n_bound).to(gl.int32) * n_bound) * BLOCK_C
         for j in gl.static_range(KSPLIT):
             if which == 0:
                 _tma_load(k1_desc, [c0, j * SPLIT], ready.index(stage),
@@ -328,8 +308,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, REFRESH: gl.constexpr,
-                         REFRESH_STEPS: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1 or 2) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -357,12 +336,10 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE, REFRESH,
-                             REFRESH_STEPS)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE, REFRESH,
-                             REFRESH_STEPS)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -374,8 +351,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
-                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE, REFRESH,
-                             REFRESH_STEPS)),
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -418,8 +394,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
-                 maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 refresh: int = 0, refresh_steps: int = 4):  # fmt: skip
+                 maxnreg: int | None = None, compact: int = 1, sample: int = 1):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead.
 
@@ -436,9 +411,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
-    if refresh < 0 or refresh_steps < 1:
-        raise ValueError(f"refresh must be >= 0 (0: never) and refresh_steps >= 1, got "
-                         f"{refresh} and {refresh_steps}")  # fmt: skip
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
     k1, k2 = (k.contiguous() for k in (keys1, keys2))
     k1, k2 = (k if k.data_ptr() % 16 == 0 else k.clone() for k in (k1, k2))  # TMA's alignment
@@ -454,8 +426,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         q_desc, k1_desc, k2_desc, scratch, late, N, H, n_keys, K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, REFRESH=refresh,
-        REFRESH_STEPS=refresh_steps, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip

@@ -782,8 +782,8 @@ def product_key_topk_forward(
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
-    if ws and not ws_tiles.get("refresh"):  # pass one over 1 / sample of the sub-keys, a bound
-        wide = wide or tiles["wide"] * ws_tiles.get("sample", 1)  # not raised: more a row
+    if ws:  # a pass one over 1 / sample of the sub-keys: a looser bound, more places a row
+        wide = wide or tiles["wide"] * ws_tiles.get("sample", 1)
     # candidate places per row in scratch: a block with a row of more than cap (but at most
     # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
     wide = max(cap, _next_pow2(wide or tiles["wide"]))
