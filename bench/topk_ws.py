@@ -18,6 +18,11 @@ import torch
 
 from memslot.kernels import gluon_topk, triton_topk
 
+# three or four consumer warpgroups a program, the query slices read from shared memory (the
+# registers of three or four warpgroups and a loader warp fit in a multiprocessor's 64K)
+C3 = dict(consumers=3, consumer_regs=160, loader_regs=24, q_reg=False, stages=4)
+C4 = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
+
 
 def bench_ms(fn, rep_ms: int = 100) -> float:
     import triton.testing
@@ -85,7 +90,7 @@ def main() -> None:
     ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=False)
     ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=False)
     ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
-    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4)):
+    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4), C3, C4, dict(C4, sample=2)):
         ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, **tiles)
         ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, **tiles)
         ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, **tiles)
@@ -93,16 +98,18 @@ def main() -> None:
 
     N, H, half, K = 16384, 4, 256, 32
     # the defaults (query in registers, 4 stages, places by quad scans, pass one over every
-    # chunk), then the places by the triangle and pass one over 1/2 and 1/4 of the chunks
-    variants = [dict(), dict(compact=0), dict(sample=2), dict(sample=4)]
+    # chunk), then the places by the triangle, pass one over half the chunks, the query read
+    # from shared memory, three or four consumers a program
+    variants = [dict(), dict(compact=0), dict(sample=2), dict(q_reg=False), C3, C4,
+                dict(C3, sample=2), dict(C4, sample=2), dict(C4, stages=2)]  # fmt: skip
     if not args.quick:
-        variants += [dict(q_reg=False), dict(stages=3), dict(q_reg=False, stages=3),
+        variants += [dict(stages=3), dict(q_reg=False, stages=3),
                      dict(consumers=1, stages=2), dict(consumers=1, stages=2, q_reg=False)]  # fmt: skip
     print("| sub-keys | kernel | whole top-k ms | pass one ms | passes ms | half kernels ms |")
     print("|---|---|---|---|---|---|")
     for n_keys in (1024, 4096):
         q1, q2, k1, k2 = operands(N, H, half, n_keys)
-        for sample in (1, 2, 4):
+        for sample in (1, 2):
             count = triton_topk.product_key_topk_forward(
                 q1, q2, k1, k2, K, ws=True, stop=2, ws_tiles=dict(sample=sample))[2]  # fmt: skip
             over = count > 2 * K  # past the CAP places the combine kernel ranks
@@ -127,7 +134,8 @@ def main() -> None:
             print(f"| {n_keys} | Gluon {v or 'default'} | {t[0]:.3f} | {t[1]:.3f} | "
                   f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
         # more candidates a row: places for them, the combine kernel ranking cap at a time
-        for sample, wide, cap in ((2, 256, 128), (2, 256, 256), (2, 512, None), (4, 512, None)):
+        for sample, wide, cap in ((2, 256, 128),) if args.quick else (
+                (2, 256, 128), (2, 256, 256), (2, 512, None), (4, 512, None)):  # fmt: skip
             if n_keys // 64 // sample < 1:
                 continue
             t = stage_times((q1, q2, k1, k2), K, dict(ws=True, ws_tiles=dict(sample=sample),

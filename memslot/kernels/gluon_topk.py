@@ -310,18 +310,21 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
                          SAMPLE: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
-    program, NUM_C consumer warpgroups (1 or 2) and a loader warp."""
+    program, NUM_C consumer warpgroups (1 to 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k1_desc.dtype, [STAGES * KSPLIT, BLOCK_C, SPLIT],
                                        k1_desc.layout)  # fmt: skip
-    tri_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_C, BLOCK_C],
-                                                                    gl.bfloat16)  # fmt: skip
-    # tri[c', c] = c' < c: the kept mask times tri counts, for each c, the kept before it
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    r = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, blocked)), 1)
-    c = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, blocked)), 0)
-    tri_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_C, BLOCK_C], tri_layout,
-                                         (r < c).to(gl.bfloat16))  # fmt: skip
+    if COMPACT == 0:
+        tri_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_C, BLOCK_C],
+                                                                        gl.bfloat16)  # fmt: skip
+        # tri[c', c] = c' < c: the kept mask times tri counts, for each c, the kept before it
+        blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        r = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, blocked)), 1)
+        c = gl.expand_dims(gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, blocked)), 0)
+        tri_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_C, BLOCK_C], tri_layout,
+                                             (r < c).to(gl.bfloat16))  # fmt: skip
+    else:
+        tri_smem = k_smem  # not read: the places come from quad scans
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -331,7 +334,46 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, N, H, 
         mbarrier.init(empty.index(i), count=NUM_C)  # every consumer hands each stage back
     fence_async_shared()
 
-    if NUM_C == 2:
+    if NUM_C == 4:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 2, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 3, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
+            ],
+            [4, 4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    elif NUM_C == 3:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 0, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 1, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
+                             late_ptr, N, H, n_keys, 2, K, WIDE, BLOCK_C, KSPLIT, STAGES, BISECT,
+                             STOP, Q_REG, NUM_C, COMPACT, SAMPLE)),
+                (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    elif NUM_C == 2:
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
@@ -408,6 +450,8 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
+    if consumers not in (1, 2, 3, 4):
+        raise ValueError(f"consumers must be 1, 2, 3 or 4, got {consumers}")
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
