@@ -15,11 +15,13 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --topk-sweep --profile --no-bag   # top-k tiles, per-kernel times
     python bench/kernels.py --bag-backward   # the bag backward's kernels and tiles only
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
+    python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -846,7 +848,17 @@ def main() -> None:
         action="store_true",
         help="only the bag forward from small to large tables",
     )
+    p.add_argument(
+        "--ws-tiles",
+        type=json.loads,
+        default=None,
+        help="the warp-specialised top-k's tiles as JSON, e.g. '{\"sample\": 2}'",
+    )
     args = p.parse_args()
+    if args.ws_tiles is not None:
+        from memslot.kernels import triton_topk
+
+        triton_topk.WS_TILES = args.ws_tiles
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         if args.bag_backward:
             bench_bag_backward(args)

@@ -56,12 +56,13 @@ def compile_report(half: int, tiles: dict) -> dict:
     kernel = gluon_topk._half_topk_ws_kernel
     types = {"q_desc": desc(rows).__mangle__(), "k1_desc": desc(t["block_c"]).__mangle__(),
              "k2_desc": desc(t["block_c"]).__mangle__(), "scratch_ptr": "*i64",
-             "late_ptr": "*i32", "N": "i32", "H": "i32", "n_keys": "i32"}  # fmt: skip
+             "late_ptr": "*i32", "stage_ptr": "*i64", "N": "i32", "H": "i32",
+             "n_keys": "i32"}  # fmt: skip
     constants = dict(
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"],
+        COMPACT=t["compact"], SAMPLE=t["sample"], STAGE_WIDE=128 * t["sample"],
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
@@ -116,7 +117,8 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (128, dict(q_reg=False, stages=3)),  # query slices read from shared memory
         (256, dict(consumers=1, stages=2)),  # two programs a multiprocessor
         (256, dict(compact=0)),  # places by a product with the triangle
-        (256, dict(sample=2)),  # pass one over half the sub-keys
+        (256, dict(sample=2)),  # pass one over half the sub-keys, the candidates filtered
+        (256, dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)),
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):

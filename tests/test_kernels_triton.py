@@ -149,6 +149,8 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+# four consumer warpgroups a program: their registers and the loader's fit in 64K
+FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
@@ -168,12 +170,16 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
         dict(compact=1, sample=1),  # places by a scan over each quad of lanes
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
+        dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
+        dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
     ],
 )
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,
                                                               same_keys, tiles):  # fmt: skip
     from memslot.kernels import gluon_topk
 
+    if n_keys // gluon_topk.BLOCK_C_ < tiles["sample"]:
+        pytest.skip("pass one would read no chunk (refused: see the refusal test)")
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
     normed = triton_topk.normalise_query(q, None)  # the layout query_topk gives the kernel

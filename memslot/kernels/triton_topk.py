@@ -682,6 +682,11 @@ def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, x)))
 
 
+# the warp-specialised kernel's tiles where the caller names none (``gluon_topk.half_topk_ws``'s
+# keyword arguments; a benchmark sets it to compare)
+WS_TILES: dict = {}
+
+
 def _default_tiles(N: int) -> dict:
     """Tiles of the half kernel for N rows (H200 sweeps: best at 1,024 and 4,096 sub-keys)."""
     # places of the candidates: 3 = triangle product and stores in place, address and candidate
@@ -770,7 +775,7 @@ def product_key_topk_forward(
     cap = max(kp, _next_pow2(cap or 2 * kp))  # candidate places per row (fall back past that)
     half_p2 = _next_pow2(half, 16)
     later = tiles["later"] if later is None else later
-    ws_tiles = dict(ws_tiles or {})
+    ws_tiles = dict(WS_TILES if ws_tiles is None else ws_tiles)
     ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
         q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
     if ws is None:
@@ -782,8 +787,6 @@ def product_key_topk_forward(
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
-    if ws:  # a pass one over 1 / sample of the sub-keys: a looser bound, more places a row
-        wide = wide or tiles["wide"] * ws_tiles.get("sample", 1)
     # candidate places per row in scratch: a block with a row of more than cap (but at most
     # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
     wide = max(cap, _next_pow2(wide or tiles["wide"]))
