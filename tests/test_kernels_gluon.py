@@ -56,13 +56,13 @@ def compile_report(half: int, tiles: dict) -> dict:
     kernel = gluon_topk._half_topk_ws_kernel
     types = {"q_desc": desc(rows).__mangle__(), "k1_desc": desc(t["block_c"]).__mangle__(),
              "k2_desc": desc(t["block_c"]).__mangle__(), "scratch_ptr": "*i64",
-             "late_ptr": "*i32", "stage_ptr": "*i64", "N": "i32", "H": "i32",
+             "late_ptr": "*i32", "bound_ptr": "*fp32", "N": "i32", "H": "i32",
              "n_keys": "i32"}  # fmt: skip
     constants = dict(
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"], STAGE_WIDE=128 * t["sample"],
+        COMPACT=t["compact"], SAMPLE=t["sample"],
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"

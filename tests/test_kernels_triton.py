@@ -148,6 +148,37 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
             gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample)
 
 
+def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order():
+    # what the Gluon kernel leaves with a sampled bound: (2, H, N) rows of staged candidates
+    # (fp32 bits << 32 | sub-key), their counts, and each row's bound from every sub-key
+    g = torch.Generator().manual_seed(5)
+    shape, stage_wide, wide = (2, 2, 13), 128, 32
+    score = torch.randn(*shape, stage_wide, generator=g)
+    col = torch.randint(0, 4096, (*shape, stage_wide), generator=g)
+    stage = (score.view(torch.int32).to(torch.int64) << 32) | col
+    count = torch.randint(0, stage_wide + 1, shape, generator=g, dtype=torch.int32)
+    count[0, 0, :3] = torch.tensor([0, stage_wide, stage_wide + 70])  # none, full, not all staged
+    bound = torch.randn(shape, generator=g) * 0.5
+    bound[1, 1, :2] = float("-inf")  # every staged one reaches it: more than wide keepers
+    count[1, 1, :2] = torch.tensor([wide + 1, 100])
+    stage, count, bound = stage.to(DEVICE), count.to(DEVICE), bound.to(DEVICE)
+    scratch = torch.full((*shape, wide), -1, dtype=torch.int64, device=DEVICE)
+    late = count.clone()
+    triton_topk.filter_candidates(stage, bound, scratch, late)
+    for r in range(late.numel()):
+        c, b = int(count.view(-1)[r]), float(bound.view(-1)[r])
+        if c > stage_wide:  # not all staged: the count stays, over wide, for the recheck
+            assert int(late.view(-1)[r]) == c
+            continue
+        row = stage.view(-1, stage_wide)[r, :c]
+        keepers = row[score.view(-1, stage_wide)[r, :c].to(DEVICE) >= b]
+        assert int(late.view(-1)[r]) == keepers.numel()
+        n = min(keepers.numel(), wide)
+        assert torch.equal(scratch.view(-1, wide)[r, :n], keepers[:n])
+        assert (scratch.view(-1, wide)[r, n:] == -1).all()  # nothing past them
+    assert (late[1, 1, :2] > wide).all()  # those blocks go to the recheck
+
+
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 # four consumer warpgroups a program: their registers and the loader's fit in 64K
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)

@@ -208,56 +208,8 @@ def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr):
 
 
 @gluon.jit
-def _add(a, b):
-    return a + b
-
-
-@gluon.jit
-def _sync_warp(x):
-    """Order this warp's global stores before its later loads, across its lanes (a fence and
-    ``bar.warp.sync``); x passes through."""
-    return gl.inline_asm_elementwise(
-        "fence.acq_rel.cta; bar.warp.sync -1; mov.b32 $0, $1;", "=r,r", [x],
-        dtype=gl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
-
-
-@gluon.jit
-def _filter_places(stage_ptr, scratch_ptr, line, count, bound, STAGE_WIDE: gl.constexpr,
-                   WIDE: gl.constexpr, row_layout: gl.constexpr):  # fmt: skip
-    """Copy each row's staged candidates (count of them, at places 0.. of its STAGE_WIDE in
-    stage) that reach bound to its first places in scratch (WIDE a row); the rows' new counts.
-    A row with more than STAGE_WIDE candidates (not all staged) keeps its count, one with more
-    than WIDE that reach bound stores WIDE of them: both over WIDE, so their blocks are
-    rechecked. Each warp reads the 16 rows it staged (the products' rows 16w .. 16w + 15), so
-    a fence and a warp barrier order the stores before the loads."""
-    layout: gl.constexpr = gl.BlockedLayout([4, 8], [4, 8], [4, 1], [1, 0])
-    rows_l: gl.constexpr = gl.SliceLayout(1, layout)
-    cols_l: gl.constexpr = gl.SliceLayout(0, layout)
-    cnt = gl.convert_layout(_sync_warp(count), rows_l)
-    lo = gl.expand_dims(gl.convert_layout(bound, rows_l), 1)
-    at = gl.convert_layout(line, rows_l).to(gl.int64)
-    whole = cnt <= STAGE_WIDE  # every candidate staged (rows past N start at 1 << 30)
-    src = gl.expand_dims(stage_ptr + at * STAGE_WIDE, 1)
-    dst = gl.expand_dims(scratch_ptr + at * WIDE, 1)
-    kept = gl.zeros_like(cnt)
-    most = gl.max(gl.where(whole, cnt, 0), axis=0)
-    for start in range(0, most, 64):
-        place = gl.expand_dims(start + gl.arange(0, 64, layout=cols_l), 0)
-        valid = (place < gl.expand_dims(cnt, 1)) & gl.expand_dims(whole, 1)
-        cand = gl.load(src + place, mask=valid, other=0)
-        keep = valid & ((cand >> 32).to(gl.int32).to(gl.float32, bitcast=True) >= lo)
-        k = keep.to(gl.int32)
-        dest = gl.expand_dims(kept, 1) + gl.associative_scan(k, 1, _add) - 1
-        gl.store(dst + dest, cand, mask=keep & (dest < WIDE))
-        kept = kept + gl.sum(k, axis=1)
-    return gl.convert_layout(gl.where(whole, kept, cnt), row_layout)
-
-
-@gluon.jit
-def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, stage_ptr,
+def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, bound_ptr,
               N, H, n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
-              STAGE_WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
@@ -302,11 +254,11 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         gl.store(late_ptr + line, lo.to(gl.int32, bitcast=True), mask=row_mask)
         return
 
-    # pass two's places: scratch, or with SAMPLE > 1 the stage (STAGE_WIDE places a row)
-    row_ptr = gl.expand_dims(stage_ptr + line.to(gl.int64) * STAGE_WIDE, 1)
+    # pass two's places, WIDE a row (with SAMPLE > 1 a stage that a later kernel filters)
+    row_ptr = gl.expand_dims(scratch_ptr + line.to(gl.int64) * WIDE, 1)
     row_ok = gl.expand_dims(row_mask, 1)
     cols = gl.expand_dims(gl.arange(0, BLOCK_C, layout=col_layout), 0)
-    # rows past N start over any width: they store nothing (and their counts are not stored)
+    # rows past N start over WIDE: they store nothing (and their counts are not stored)
     count = gl.where(row_mask, 0, 1 << 30).to(gl.int32)
     for i in range(n_chunks):
         j = n_bound + i
@@ -320,16 +272,14 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout),
                                    tri_smem, zero, use_acc=False, is_async=True)  # fmt: skip
             before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
-            count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols,
-                                STAGE_WIDE)  # fmt: skip
+            count = _keep_chunk(s, keep, before, count, i * BLOCK_C, row_ptr, row_ok, cols, WIDE)
         else:
-            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, STAGE_WIDE)
+            count = _quad_compact(s, bound, count, row_ptr, i * BLOCK_C, BLOCK_C, WIDE)
         if SAMPLE > 1:  # the maxima of every chunk's groups, for the bound of the whole row
             group_max = gl.maximum(group_max, s)
-    if SAMPLE > 1:  # keep only the staged candidates that reach it, in scratch
+    if SAMPLE > 1:  # for ``triton_topk._filter_kernel``: it keeps the staged ones reaching it
         lo = _raise_bound(group_max, lo, K, BISECT)
-        count = _filter_places(stage_ptr, scratch_ptr, line, count, lo, STAGE_WIDE, WIDE,
-                               row_layout)  # fmt: skip
+        gl.store(bound_ptr + line, lo, mask=row_mask)
     gl.store(late_ptr + line, count, mask=row_mask)
 
 
@@ -366,9 +316,8 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
 
 
 @gluon.jit
-def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, stage_ptr, N, H,
-                         n_keys, K: gl.constexpr, WIDE: gl.constexpr, STAGE_WIDE: gl.constexpr,
-                         BLOCK_C: gl.constexpr,
+def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_ptr, N, H,
+                         n_keys, K: gl.constexpr, WIDE: gl.constexpr, BLOCK_C: gl.constexpr,
                          KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
@@ -403,19 +352,19 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, stage_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 0, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 1, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 2, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 3, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
@@ -428,15 +377,15 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, stage_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 0, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 1, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 2, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
@@ -449,11 +398,11 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, stage_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 0, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 1, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
@@ -466,7 +415,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, stage_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, stage_ptr, N, H, n_keys, 0, K, WIDE, STAGE_WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
                              SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
@@ -512,11 +461,12 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 stage_wide: int | None = None):  # fmt: skip
+                 bound: torch.Tensor | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
-    pass two stages the candidates of the sampled bound in a buffer of stage_wide places a
-    row (default wide * sample) and keeps those that reach the bound of every chunk.
+    the candidates are those of the sampled bound (about sample times as many: give scratch the
+    places), and bound (2, H, N) fp32 receives each row's bound from every chunk's group
+    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
@@ -533,6 +483,8 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
+    if sample > 1 and bound is None:
+        raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
     k1, k2 = (k.contiguous() for k in (keys1, keys2))
     k1, k2 = (k if k.data_ptr() % 16 == 0 else k.clone() for k in (k1, k2))  # TMA's alignment
@@ -543,13 +495,10 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                                _layout(block_c))  # fmt: skip
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
-    stage_wide = stage_wide or wide * sample
-    stage = scratch if sample == 1 else torch.empty(2, H, N, stage_wide, dtype=torch.int64,
-                                                    device=q1.device)  # fmt: skip
     grid = ((N + consumers * ROWS_ - 1) // (consumers * ROWS_), H, 2)
     return _half_topk_ws_kernel[grid](
-        q_desc, k1_desc, k2_desc, scratch, late, stage, N, H, n_keys, K=topk, WIDE=wide,
-        STAGE_WIDE=wide if sample == 1 else stage_wide,
+        q_desc, k1_desc, k2_desc, scratch, late, late if bound is None else bound, N, H, n_keys,
+        K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
         NUM_C=consumers, COMPACT=compact, SAMPLE=sample, num_warps=4,

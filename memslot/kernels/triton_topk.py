@@ -460,6 +460,52 @@ def _recheck_kernel(
 
 
 @triton.jit
+def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: tl.constexpr,
+                   WIDE: tl.constexpr, ROWS: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
+    """Keep, for ROWS rows of L, the staged ``_raw`` candidates that reach the row's bound.
+
+    Row r has late[r] candidates at places 0.. of its STAGE_WIDE in stage; those whose score is
+    at least bound[r] go, in their order, to its first places in scratch (WIDE a row), and
+    late[r] becomes their number. A row with more than STAGE_WIDE (not all were staged) keeps
+    its count; one with more than WIDE keepers stores WIDE of them: both counts pass WIDE, so
+    the recheck ranks their blocks.
+    """
+    lines = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = lines < L
+    count = tl.load(late_ptr + lines, mask=ok, other=0)
+    bound = tl.load(bound_ptr + lines, mask=ok, other=0.0)
+    whole = ok & (count <= STAGE_WIDE)
+    src = stage_ptr + lines.to(tl.int64)[:, None] * STAGE_WIDE
+    dst = scratch_ptr + lines.to(tl.int64)[:, None] * WIDE
+    kept = tl.zeros([ROWS], dtype=tl.int32)
+    most = tl.max(tl.where(whole, count, 0), axis=0)
+    for start in range(0, most, PIECE):
+        place = start + tl.arange(0, PIECE)[None, :]
+        valid = (place < count[:, None]) & whole[:, None]
+        cand = tl.load(src + place, mask=valid, other=0)
+        score = (cand >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        keep = valid & (score >= bound[:, None])
+        k = keep.to(tl.int32)
+        dest = kept[:, None] + tl.cumsum(k, axis=1) - 1
+        tl.store(dst + dest, cand, mask=keep & (dest < WIDE))
+        kept += tl.sum(k, axis=1)
+    tl.store(late_ptr + lines, kept, mask=whole)
+
+
+def filter_candidates(stage: torch.Tensor, bound: torch.Tensor, scratch: torch.Tensor,
+                      late: torch.Tensor, rows: int = 16, piece: int = 64):  # fmt: skip
+    """``_filter_kernel`` over every row of stage (..., STAGE_WIDE) int64 into scratch
+    (..., WIDE) int64, by bound (...) fp32, counts in late (...) int32 (updated in place)."""
+    L = late.numel()
+    if L == 0:
+        return None
+    return _filter_kernel[(triton.cdiv(L, rows),)](
+        stage, bound, scratch, late, L, STAGE_WIDE=stage.shape[-1], WIDE=scratch.shape[-1],
+        ROWS=rows, PIECE=piece,
+    )  # fmt: skip
+
+
+@triton.jit
 def _store_half(half_s_ptr, half_i_ptr, off, mask, best):
     """Store a half's sorted top-k keys as scores and sub-key indices."""
     top_s, top_i = _unpack(best)
@@ -797,7 +843,19 @@ def product_key_topk_forward(
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     even = n_keys % block_c == 0 and half == half_p2
     ieee = q1.dtype == torch.float32 or _INTERPRETED
-    if ws:
+    if ws and ws_tiles.get("sample", 1) > 1:
+        # pass one over 1 / sample of the sub-keys: pass two stages about sample times the
+        # candidates, and the filter keeps those reaching the bound of every sub-key
+        stage = torch.empty(2, H, N, wide * ws_tiles["sample"], dtype=torch.int64, device=device)
+        bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
+        LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
+                                                 stage.shape[-1], stop=stop if stop < 3 else 0,
+                                                 bound=bound, **ws_tiles)  # fmt: skip
+        if stop != 1:
+            LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
+        if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
+            return scores, slots, late, None
+    elif ws:
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk,
                                                  wide, stop=stop if stop < 3 else 0,
                                                  **ws_tiles)  # fmt: skip
