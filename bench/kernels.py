@@ -265,7 +265,8 @@ def bench_topk(n_keys, N, H, K, half, dev, dt, sweep, topk_sweep=False) -> None:
         f"reference {ref_ms:.3f} ms ({ref_ms / ms:.1f}x); target <= 0.5 ms at 1,024; "
         f"Triton half kernel {triton_ms:.3f} ms; ranked in the half kernel {here_ms:.3f} ms",
     )
-    if ws:  # the warp-specialised half kernel's stages: pass one, both passes, with the recheck
+    if ws:  # the warp-specialised half kernel's stages: pass one, both passes (and the filter
+        # of a sampled bound), with the recheck
         stages = [
             bench_ms(lambda s=s: triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, stop=s))
             for s in (1, 2, 3)

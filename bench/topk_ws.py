@@ -72,7 +72,7 @@ def stage_times(ops, K, kwargs) -> dict[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="checks and the default tiles only")
+    ap.add_argument("--quick", action="store_true", help="checks and the main tiles only")
     args = ap.parse_args()
     import triton
 
@@ -97,7 +97,7 @@ def main() -> None:
     print(f"checks: {'all same' if ok else 'DIFFER'}", flush=True)
 
     N, H, half, K = 16384, 4, 256, 32
-    # the defaults (query in registers, 4 stages, places by quad scans, pass one over every
+    # plain tiles (query in registers, 4 stages, places by quad scans, pass one over every
     # chunk), then the places by the triangle, pass one over half the chunks, the query read
     # from shared memory, three or four consumers a program
     variants = [dict(), dict(sample=2), C4, dict(C4, sample=2)]
@@ -131,11 +131,11 @@ def main() -> None:
             except Exception as e:  # a tile that does not compile must not stop the run
                 print(f"| {n_keys} | Gluon {v} | failed: {type(e).__name__}: {str(e)[:200]} |")
                 continue
-            print(f"| {n_keys} | Gluon {v or 'default'} | {t[0]:.3f} | {t[1]:.3f} | "
+            print(f"| {n_keys} | Gluon {v or 'plain tiles'} | {t[0]:.3f} | {t[1]:.3f} | "
                   f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
-        # the whole top-k of the defaults and of pass one over a half or a quarter, taken in
+        # the whole top-k of plain tiles and of pass one over a half or a quarter, taken in
         # turns three times (the clock moves between rows of the table above)
-        turns = {name: [] for name in ("default", "sample 2", "sample 4")}
+        turns = {name: [] for name in ("plain tiles", "sample 2", "sample 4")}
         for _ in range(3):
             for name, v in zip(turns, (dict(), dict(sample=2), dict(sample=4)), strict=True):
                 ops = (q1, q2, k1, k2)
