@@ -90,7 +90,8 @@ def main() -> None:
     ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=False)
     ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=False)
     ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
-    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4), C4, dict(C4, sample=2)):
+    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4), dict(sample=4, raises=2), C4,
+                  dict(C4, sample=2)):  # fmt: skip
         ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, **tiles)
         ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, **tiles)
         ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, **tiles)
@@ -109,13 +110,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n_keys in (1024, 4096):
         q1, q2, k1, k2 = operands(N, H, half, n_keys)
-        for sample in (1, 2, 4):  # candidates a row after pass two (and the filter)
+        for sample, raises in ((1, 0), (2, 0), (4, 0), (4, 1), (4, 2)):
+            # candidates a row pass two stages, then those the filter keeps
+            v = dict(sample=sample, raises=raises)
+            stage = torch.empty(2, H, N, 128 * sample, dtype=torch.int64, device="cuda")
+            staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
+            bound = torch.empty(2, H, N, device="cuda")
+            gluon_topk.half_topk_ws(q1, q2, k1, k2, stage, staged, K, stage.shape[-1],
+                                    bound=bound, **v)  # fmt: skip
+            print(f"| {n_keys} | {v}: staged a row: mean {staged.float().mean().item():.1f}, "
+                  f"max {staged.max().item()} | | | |", flush=True)  # fmt: skip
             count = triton_topk.product_key_topk_forward(
-                q1, q2, k1, k2, K, ws=True, stop=2, ws_tiles=dict(sample=sample))[2]  # fmt: skip
+                q1, q2, k1, k2, K, ws=True, stop=2, ws_tiles=v)[2]  # fmt: skip
             over = count > 2 * K  # past the CAP places the combine kernel ranks at once
             blocks = over.reshape(2, H, -1, 8).any(-1).float().mean().item()
             wide = (count > 128).reshape(2, H, -1, 64).any(-1).float().mean().item()
-            print(f"| {n_keys} | pass one over 1/{sample}: candidates a row: mean "
+            print(f"| {n_keys} | {v}: candidates a row after the filter: mean "
                   f"{count.float().mean().item():.1f}, max {count.max().item()}; rows past "
                   f"{2 * K}: {over.float().mean().item():.4f}, 8-row combine programs with "
                   f"one: {blocks:.3f}, 64-row blocks with one past 128 (rechecked): "
@@ -135,9 +145,12 @@ def main() -> None:
                   f"{t[2]:.3f} | {t[3]:.3f} |", flush=True)  # fmt: skip
         # the whole top-k of plain tiles and of pass one over a half or a quarter, taken in
         # turns three times (the clock moves between rows of the table above)
-        turns = {name: [] for name in ("plain tiles", "sample 2", "sample 4")}
+        tiles = {"plain tiles": dict(), "sample 2": dict(sample=2), "sample 4": dict(sample=4),
+                 "sample 4, raised once": dict(sample=4, raises=1),
+                 "sample 4, raised twice": dict(sample=4, raises=2)}  # fmt: skip
+        turns = {name: [] for name in tiles}
         for _ in range(3):
-            for name, v in zip(turns, (dict(), dict(sample=2), dict(sample=4)), strict=True):
+            for name, v in tiles.items():
                 ops = (q1, q2, k1, k2)
                 turns[name].append(bench_ms(lambda v=v, ops=ops: triton_topk.product_key_topk_forward(
                     *ops, K, ws=True, ws_tiles=v)))  # fmt: skip
