@@ -90,8 +90,8 @@ def main() -> None:
     ok &= check_same(N=5000, H=4, half=256, n_keys=1024, K=32, q_reg=False)
     ok &= check_same(N=1000, H=2, half=128, n_keys=64, K=16, q_reg=False)
     ok &= check_same(N=1000, H=2, half=256, n_keys=1024, K=32, consumers=1, stages=2)
-    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4), dict(sample=4, raises=2), C4,
-                  dict(C4, sample=2)):  # fmt: skip
+    for tiles in (dict(compact=0), dict(sample=2), dict(sample=4), C4, dict(C4, sample=2),
+                  dict(C4, sample=4)):  # fmt: skip
         ok &= check_same(N=16384, H=4, half=256, n_keys=1024, K=32, **tiles)
         ok &= check_same(N=4096, H=4, half=256, n_keys=4096, K=32, **tiles)
         ok &= check_same(N=700, H=2, half=256, n_keys=1024, K=32, same_keys=True, **tiles)
@@ -110,9 +110,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n_keys in (1024, 4096):
         q1, q2, k1, k2 = operands(N, H, half, n_keys)
-        for sample, raises in ((1, 0), (2, 0), (4, 0), (4, 1), (4, 2)):
-            # candidates a row pass two stages, then those the filter keeps
-            v = dict(sample=sample, raises=raises)
+        for sample in (1, 2, 4):  # candidates a row pass two stages, then those the filter keeps
+            v = dict(sample=sample)
             stage = torch.empty(2, H, N, 128 * sample, dtype=torch.int64, device="cuda")
             staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
             bound = torch.empty(2, H, N, device="cuda")
@@ -146,8 +145,7 @@ def main() -> None:
         # the whole top-k of plain tiles and of pass one over a half or a quarter, taken in
         # turns three times (the clock moves between rows of the table above)
         tiles = {"plain tiles": dict(), "sample 2": dict(sample=2), "sample 4": dict(sample=4),
-                 "sample 4, raised once": dict(sample=4, raises=1),
-                 "sample 4, raised twice": dict(sample=4, raises=2)}  # fmt: skip
+                 "sample 4, four consumers": dict(C4, sample=4)}  # fmt: skip
         turns = {name: [] for name in tiles}
         for _ in range(3):
             for name, v in tiles.items():

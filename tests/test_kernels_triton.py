@@ -146,8 +146,6 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     for sample in (0, 2):
         with pytest.raises(ValueError, match=r"sample must be in \[1, n_keys / block_c = 1\]"):
             gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample)
-    with pytest.raises(ValueError, match="raises must be >= 0"):
-        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, raises=-1)
     k1, k2 = (torch.randn(2, 128, 64, device=DEVICE) for _ in range(2))  # two chunks
     with pytest.raises(ValueError, match="sample > 1 needs bound"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=2)
@@ -207,7 +205,6 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
-        dict(compact=1, sample=4, raises=2),  # ... and the bound raised twice on the way
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
     ],
 )
