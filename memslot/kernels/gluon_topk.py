@@ -21,8 +21,17 @@ order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 0 places 
 Triton kernel does, by a product of the kept mask with the strict upper triangle. A block of 64
 rows with a row of fewer than K or more than WIDE candidates (ties at the bound) is ranked by
 ``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
-chunk. With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the bound is
-still one that K scores reach, only looser, and about SAMPLE times as many candidates pass it.
+chunk.
+
+With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the bound is still one
+that K scores reach, only looser. Pass two then reads the chunks pass one skipped first, adding
+them to the group maxima, so that at their end it has the bound of every chunk (pass one's
+bound without sampling); it keeps the skipped chunks' candidates by the sampled bound and the
+sampled chunks' by the whole one, stages them (several times as many as without sampling: the
+caller gives scratch the places) and stores each row's whole bound, by which
+``triton_topk.filter_candidates`` keeps the ones that reach it for the combine kernel. Done in
+this kernel's tail, that filter left the multiprocessor idle (its one program there waited on
+its own loads); as a kernel of its own it costs little.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
@@ -30,9 +39,10 @@ It gives the same bits as the Triton path (its products are the same warpgroup p
 has no CPU interpreter: the tests of this path run on the GPU.
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
-0.26 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.14 against
-0.18), 0.94 against 1.56 at 4,096; the whole top-k 0.41 ms against 0.58 and 1.04 against
-1.67.
+0.27 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.14 against
+0.18), 0.99 against 1.56 at 4,096; the whole top-k 0.42 ms against 0.58 and 1.05 against
+1.68, and 1.00 at 4,096 with pass one over a quarter of the sub-keys (``sample`` 4, the
+default there: ``triton_topk._default_ws_tiles``).
 """
 
 from __future__ import annotations
@@ -481,8 +491,10 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     1.220; one consumer a program (two programs a multiprocessor, ``maxnreg`` 128) 0.481 /
     1.245. BLOCK_C 128 and 2 stages: pass one 0.20 ms against 0.13. Places by quad scans
     (``compact`` 1) 0.41 / 1.04 against 0.45 / 1.18 by the triangle product (0). Pass one over
-    half the chunks (``sample`` 2, with 256 places a row) takes both passes at 4,096 to 0.74
-    ms, but the combine kernel then ranks twice the candidates (1.25 ms in all), so it is off.
+    a half or a quarter of the chunks (``sample`` 2 / 4, the candidates filtered): 0.51 / 1.02
+    and 0.59 / 1.00 ms against 0.42 / 1.05 (in turns, one call), so 4 from 4,096 sub-keys. Four
+    consumers a program (``consumers`` 4, 120 registers each, the query read from shared memory,
+    3 stages): 0.43 / 1.04.
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]

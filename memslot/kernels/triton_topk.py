@@ -804,7 +804,9 @@ def product_key_topk_forward(
     ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
     and returns garbage (timing). ``later`` ranks each half's candidates in the combine kernel
     instead of the half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
-    candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments),
+    candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments;
+    default ``WS_TILES`` or ``_default_ws_tiles``; with a sampled bound its staged candidates
+    go through ``filter_candidates``),
     then ranks the rare blocks with a row out of range by ``_recheck_kernel`` (``recheck``
     runs that after the Triton half kernel too, for the tests on the CPU).
     """
