@@ -25,9 +25,9 @@ chunk.
 
 With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the bound is still one
 that K scores reach, only looser. Pass two then reads the chunks pass one skipped first, adding
-them to the group maxima, so that at their end it has the bound of every chunk (pass one's
-bound without sampling); it keeps the skipped chunks' candidates by the sampled bound and the
-sampled chunks' by the whole one, stages them (several times as many as without sampling: the
+them to the group maxima, so that at their end it bisects for a bound from every chunk's
+maxima (as a pass one without sampling would); it keeps the skipped chunks' candidates by the
+sampled bound and the sampled chunks' by the whole one, stages them (several times as many as without sampling: the
 caller gives scratch the places) and stores each row's whole bound, by which
 ``triton_topk.filter_candidates`` keeps the ones that reach it for the combine kernel. Done in
 this kernel's tail, that filter left the multiprocessor idle (its one program there waited on
@@ -306,7 +306,7 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
             BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
             STOP: gl.constexpr, NUM_C: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
     """One warp, by TMA: the program's query rows once, then the first 1 / SAMPLE of the key
-    chunks (pass one) and every chunk (pass two)."""
+    chunks (pass one) and every chunk, those pass one skipped first (pass two)."""
     h = gl.program_id(1)
     which = gl.program_id(2)
     q_row = (which * H + h) * N + gl.program_id(0) * (NUM_C * ROWS)
@@ -500,6 +500,11 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     n_keys = keys1.shape[1]
     if consumers not in (1, 2, 3, 4):
         raise ValueError(f"consumers must be 1, 2, 3 or 4, got {consumers}")
+    if consumers * 128 * consumer_regs + 32 * loader_regs > 65536:
+        raise ValueError(f"{consumers} consumer warpgroups of {consumer_regs} registers and a "
+                         f"loader warp of {loader_regs} pass a multiprocessor's 65,536: lower "
+                         f"consumer_regs (three: 160, four: 120, with q_reg False and "
+                         f"loader_regs 24)")  # fmt: skip
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
