@@ -18,9 +18,8 @@ import torch
 
 from memslot.kernels import gluon_topk, triton_topk
 
-# three or four consumer warpgroups a program, the query slices read from shared memory (the
-# registers of three or four warpgroups and a loader warp fit in a multiprocessor's 64K)
-C3 = dict(consumers=3, consumer_regs=160, loader_regs=24, q_reg=False, stages=4)
+# four consumer warpgroups a program, the query slices read from shared memory (the registers
+# of four warpgroups and a loader warp fit in a multiprocessor's 64K)
 C4 = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
 
@@ -100,10 +99,10 @@ def main() -> None:
     N, H, half, K = 16384, 4, 256, 32
     # plain tiles (query in registers, 4 stages, places by quad scans, pass one over every
     # chunk), then the places by the triangle, pass one over half the chunks, the query read
-    # from shared memory, three or four consumers a program
+    # from shared memory, four consumers a program
     variants = [dict(), dict(sample=2), C4, dict(C4, sample=2)]
     if not args.quick:
-        variants += [dict(sample=4), dict(C4, sample=4), dict(compact=0), dict(q_reg=False), C3, dict(C3, sample=2),
+        variants += [dict(sample=4), dict(C4, sample=4), dict(compact=0), dict(q_reg=False),
                      dict(C4, stages=2), dict(stages=3), dict(q_reg=False, stages=3),
                      dict(consumers=1, stages=2), dict(consumers=1, stages=2, q_reg=False)]  # fmt: skip
     print("| sub-keys | kernel | whole top-k ms | pass one ms | passes ms | half kernels ms |")

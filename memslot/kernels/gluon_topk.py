@@ -342,7 +342,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
                          SAMPLE: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
-    program, NUM_C consumer warpgroups (1 to 4) and a loader warp."""
+    program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k1_desc.dtype, [STAGES * KSPLIT, BLOCK_C, SPLIT],
                                        k1_desc.layout)  # fmt: skip
@@ -390,27 +390,6 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
             ],
             [4, 4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
-    elif NUM_C == 3:
-        gl.warp_specialize(
-            [
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
-                             BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
-                             BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
-                             BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
-                (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
-            ],
-            [4, 4, 1],
-            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
         )  # fmt: skip
     elif NUM_C == 2:
         gl.warp_specialize(
@@ -498,13 +477,14 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
-    if consumers not in (1, 2, 3, 4):
-        raise ValueError(f"consumers must be 1, 2, 3 or 4, got {consumers}")
+    if consumers not in (1, 2, 4):
+        raise ValueError(f"consumers must be 1, 2 or 4, got {consumers}")
     if consumers * 128 * consumer_regs + 32 * loader_regs > 65536:
-        raise ValueError(f"{consumers} consumer warpgroups of {consumer_regs} registers and a "
-                         f"loader warp of {loader_regs} pass a multiprocessor's 65,536: lower "
-                         f"consumer_regs (three: 160, four: 120, with q_reg False and "
-                         f"loader_regs 24)")  # fmt: skip
+        raise ValueError(
+            f"{consumers} consumer warpgroups of {consumer_regs} registers and a "
+            f"loader warp of {loader_regs} pass a multiprocessor's 65,536: lower "
+            f"consumer_regs (four: 120, with q_reg False and loader_regs 24)"
+        )
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
