@@ -1,6 +1,8 @@
 """The warp-specialised half top-k (Gluon, Hopper) against the Triton half kernel.
 
     PYTHONPATH=. python3 bench/topk_ws.py [--quick]
+    PYTHONPATH=. ncu --clock-control none -k regex:_half_topk_ws -c 1 --set full \
+        python3 bench/topk_ws.py --once '{"sample": 4}' --n-keys 4096   # one call, for a profiler
 
 On one GPU: checks that the fused top-k gives the same bits through both (scores, slots and
 what the backward keeps, including blocks the recheck ranks), then times the whole top-k
@@ -12,6 +14,7 @@ Gluon kernel's pass one alone. Medians of ``triton.testing.do_bench``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -72,8 +75,19 @@ def stage_times(ops, K, kwargs) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="checks and the main tiles only")
+    ap.add_argument("--once", type=json.loads, metavar="TILES",
+                    help="only run the whole top-k with these Gluon tiles (JSON) a few times")  # fmt: skip
+    ap.add_argument("--n-keys", type=int, default=1024, help="sub-keys for --once")
     args = ap.parse_args()
     import triton
+
+    if args.once is not None:  # nothing else launched: a profiler's kernel filter finds these
+        ops = operands(16384, 4, 256, args.n_keys)
+        for _ in range(3):
+            triton_topk.product_key_topk_forward(*ops, 32, ws=True, ws_tiles=args.once)
+        torch.cuda.synchronize()
+        print(f"ran the top-k 3 times, {args.n_keys} sub-keys, tiles {args.once}")
+        return
 
     print(torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
     ok = True
