@@ -736,9 +736,10 @@ WS_TILES: dict | None = None
 
 def _default_ws_tiles(n_keys: int) -> dict:
     """The Gluon kernel's tiles by sub-key count. From 4,096 sub-keys pass one reads a quarter
-    of them (H200, whole top-k in turns: 0.99-1.01 ms against 1.05-1.13 by default; at 1,024
-    sub-keys 0.63 against 0.42, so not there: the staged candidates' stores and the bound of
-    every chunk cost pass two more than the sampled pass one saves)."""
+    of them (H200, whole top-k in turns: 0.99-1.03 ms against 1.05-1.14 with every sub-key; at
+    1,024 sub-keys 0.58-0.63 against 0.42, so not there: over only 16 chunks, what sampling
+    adds to pass two, the skipped chunks' group maxima and their bisection, outweighs what it
+    takes off pass one)."""
     return {"sample": 4} if n_keys >= 4096 else {}
 
 
