@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="checks and the main tiles only")
     ap.add_argument("--once", type=json.loads, metavar="TILES",
-                    help="only run the whole top-k with these Gluon tiles (JSON) a few times")  # fmt: skip
+                    help="only the whole top-k, these Gluon tiles (JSON), a few times")  # fmt: skip
     ap.add_argument("--n-keys", type=int, default=1024, help="sub-keys for --once")
     args = ap.parse_args()
     import triton
@@ -160,11 +160,12 @@ def main() -> None:
         tiles = {"plain tiles": dict(), "sample 2": dict(sample=2), "sample 4": dict(sample=4),
                  "sample 4, four consumers": dict(C4, sample=4)}  # fmt: skip
         turns = {name: [] for name in tiles}
+        ops = (q1, q2, k1, k2)
         for _ in range(3):
             for name, v in tiles.items():
-                ops = (q1, q2, k1, k2)
-                turns[name].append(bench_ms(lambda v=v, ops=ops: triton_topk.product_key_topk_forward(
-                    *ops, K, ws=True, ws_tiles=v)))  # fmt: skip
+                turns[name].append(bench_ms(
+                    lambda v=v, ops=ops: triton_topk.product_key_topk_forward(
+                        *ops, K, ws=True, ws_tiles=v)))  # fmt: skip
         for name, ms in turns.items():
             print(f"| {n_keys} | Gluon {name}, whole top-k in turns | "
                   f"{' / '.join(f'{t:.3f}' for t in ms)} | | | |", flush=True)  # fmt: skip

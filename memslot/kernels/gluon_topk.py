@@ -27,11 +27,11 @@ With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the boun
 that K scores reach, only looser. Pass two then reads the chunks pass one skipped first, adding
 them to the group maxima, so that at their end it bisects for a bound from every chunk's
 maxima (as a pass one without sampling would); it keeps the skipped chunks' candidates by the
-sampled bound and the sampled chunks' by the whole one, stages them (several times as many as without sampling: the
-caller gives scratch the places) and stores each row's whole bound, by which
-``triton_topk.filter_candidates`` keeps the ones that reach it for the combine kernel. Done in
-this kernel's tail, that filter left the multiprocessor idle (its one program there waited on
-its own loads); as a kernel of its own it costs little.
+sampled bound and the sampled chunks' by the whole one, stages them (several times as many as
+without sampling: the caller gives scratch the places) and stores each row's whole bound, by
+which ``triton_topk.filter_candidates`` keeps the ones that reach it for the combine kernel.
+Done in this kernel's tail, that filter left the multiprocessor idle (its one program there
+waited on its own loads); as a kernel of its own it costs little.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.

@@ -857,22 +857,19 @@ def product_key_topk_forward(
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     even = n_keys % block_c == 0 and half == half_p2
     ieee = q1.dtype == torch.float32 or _INTERPRETED
-    if ws and ws_tiles.get("sample", 1) > 1:
-        # pass one over 1 / sample of the sub-keys: pass two stages about sample times the
-        # candidates, and the filter keeps those reaching the bound of every sub-key
-        stage = torch.empty(2, H, N, wide * ws_tiles["sample"], dtype=torch.int64, device=device)
-        bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
+    if ws:
+        # with pass one over 1 / sample of the sub-keys, pass two stages about sample times the
+        # candidates, and the filter keeps those reaching the bound of every sub-key in scratch
+        sample = ws_tiles.get("sample", 1)
+        stage = scratch
+        if sample > 1:
+            stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device=device)
+        bound = None if sample == 1 else torch.empty(2, H, N, dtype=torch.float32, device=device)
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
                                                  bound=bound, **ws_tiles)  # fmt: skip
-        if stop != 1:
+        if bound is not None and stop != 1:
             LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
-        if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
-            return scores, slots, late, None
-    elif ws:
-        LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk,
-                                                 wide, stop=stop if stop < 3 else 0,
-                                                 **ws_tiles)  # fmt: skip
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
             return scores, slots, late, None
     else:
