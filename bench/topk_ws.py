@@ -1,6 +1,7 @@
 """The warp-specialised half top-k (Gluon, Hopper) against the Triton half kernel.
 
     PYTHONPATH=. python3 bench/topk_ws.py [--quick]
+    PYTHONPATH=. python3 bench/topk_ws.py --compare '[{}, {"pingpong": 1}]'  # these tiles only
     PYTHONPATH=. ncu --clock-control none -k regex:_half_topk_ws -c 1 --set full \
         python3 bench/topk_ws.py --once '{"sample": 4}' --n-keys 4096   # one call, for a profiler
 
@@ -72,14 +73,50 @@ def stage_times(ops, K, kwargs) -> dict[int, float]:
     }
 
 
+def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
+    """Each tile's same-bits check at the benchmark's shape, then the whole top-k and pass one
+    alone of every tile, taken in turns ``rounds`` times (medians of each round)."""
+    N, H, half, K = 16384, 4, 256, 32
+    ok = True
+    rows = []
+    for n_keys in (1024, 4096):
+        # at 4,096 sub-keys pass one over a quarter unless the tile says (the default there)
+        tiles = [dict(t) if n_keys < 4096 or "sample" in t else dict(t, sample=4)
+                 for t in tiles_list]  # fmt: skip
+        for t in tiles:
+            ok &= check_same(N, H, half, n_keys, K, **t)
+        ops = operands(N, H, half, n_keys)
+        times = {i: {0: [], 1: []} for i in range(len(tiles))}
+        for _ in range(rounds):
+            for i, t in enumerate(tiles):
+                for stop in (0, 1):
+                    times[i][stop].append(bench_ms(
+                        lambda t=t, stop=stop: triton_topk.product_key_topk_forward(
+                            *ops, K, stop=stop, ws=True, ws_tiles=t)))  # fmt: skip
+        for i, t in enumerate(tiles):
+            cells = [" / ".join(f"{ms:.3f}" for ms in times[i][stop]) for stop in (0, 1)]
+            rows.append(f"| {n_keys} | {t or 'plain tiles'} | " + " | ".join(cells) + " |")
+    print(f"checks: {'all same' if ok else 'DIFFER'}")
+    print("| sub-keys | tiles | whole top-k ms (in turns) | pass one ms |")
+    print("|---|---|---|---|")
+    print("\n".join(rows), flush=True)
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="checks and the main tiles only")
     ap.add_argument("--once", type=json.loads, metavar="TILES",
                     help="only the whole top-k, these Gluon tiles (JSON), a few times")  # fmt: skip
     ap.add_argument("--n-keys", type=int, default=1024, help="sub-keys for --once")
+    ap.add_argument("--compare", type=json.loads, metavar="TILES_LIST",
+                    help="only these Gluon tiles (a JSON list; at 4,096 sub-keys with sample 4 "
+                         "unless a tile names one): their same-bits checks and times, in turns")  # fmt: skip
     args = ap.parse_args()
     import triton
+
+    if args.compare is not None:
+        sys.exit(0 if compare(args.compare) else 1)
 
     if args.once is not None:  # nothing else launched: a profiler's kernel filter finds these
         ops = operands(16384, 4, 256, args.n_keys)
