@@ -1,7 +1,7 @@
 """The warp-specialised half top-k (Gluon, Hopper) against the Triton half kernel.
 
     PYTHONPATH=. python3 bench/topk_ws.py [--quick]
-    PYTHONPATH=. python3 bench/topk_ws.py --compare '[{}, {"pingpong": 1}]'  # these tiles only
+    PYTHONPATH=. python3 bench/topk_ws.py --compare '[{}, {"bisect": 6}]'  # these tiles only
     PYTHONPATH=. ncu --clock-control none -k regex:_half_topk_ws -c 1 --set full \
         python3 bench/topk_ws.py --once '{"sample": 4}' --n-keys 4096   # one call, for a profiler
 

@@ -218,35 +218,11 @@ def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr):
 
 
 @gluon.jit
-def _take_turn(turn, j, C: gl.constexpr, NUM_C: gl.constexpr, PINGPONG: gl.constexpr):
-    """With PINGPONG, wait until the consumer before this one (C - 1, and for consumer 0 the
-    last one, a chunk back) has started (1) or finished (2) its products of chunk j: the
-    consumers' products then run one after another, and each one's work on its result overlaps
-    the others' products instead of all of them waiting on the tensor cores together."""
-    if PINGPONG > 0:
-        if NUM_C > 1:
-            if C == 0:  # the last consumer's chunk j - 1 (a fresh barrier passes at j = 0)
-                mbarrier.wait(turn.index(NUM_C - 1), (j & 1) ^ 1)
-            else:
-                mbarrier.wait(turn.index(C - 1), j & 1)
-
-
-@gluon.jit
-def _pass_turn(turn, C: gl.constexpr, NUM_C: gl.constexpr, PINGPONG: gl.constexpr,
-               WHEN: gl.constexpr):
-    """Tell the next consumer that this one has started (WHEN 1) or finished (2) a chunk."""
-    if PINGPONG == WHEN:
-        if NUM_C > 1:
-            mbarrier.arrive(turn.index(C), count=1)
-
-
-@gluon.jit
-def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr, late_ptr,
-              bound_ptr, N, H, n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
+def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, bound_ptr,
+              N, H, n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
-              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              PINGPONG: gl.constexpr):  # fmt: skip
+              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
     are waited for before its result is used: starting the next chunk's first (two results in
     flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
@@ -276,11 +252,8 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr, 
     for i in range(n_bound):
         stage = i % STAGES
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-        _take_turn(turn, i, C, NUM_C, PINGPONG)
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
-        _pass_turn(turn, C, NUM_C, PINGPONG, 1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        _pass_turn(turn, C, NUM_C, PINGPONG, 2)
         mbarrier.arrive(empty.index(stage), count=1)
         group_max = gl.maximum(group_max, s)
 
@@ -305,11 +278,8 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr, 
         j = n_bound + i
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-        _take_turn(turn, j, C, NUM_C, PINGPONG)
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
-        _pass_turn(turn, C, NUM_C, PINGPONG, 1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        _pass_turn(turn, C, NUM_C, PINGPONG, 2)
         mbarrier.arrive(empty.index(stage), count=1)
         c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
         if COMPACT == 0:
@@ -370,7 +340,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -390,35 +360,31 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # each consumer's turn: arrived at once a chunk when it has started or finished its products
-    turn = gl.allocate_shared_memory(gl.int64, [NUM_C, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NUM_C)  # every consumer hands each stage back
-    for i in gl.static_range(NUM_C):
-        mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
 
     if NUM_C == 4:
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                             SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                             SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                             SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
+                             SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -428,14 +394,14 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
     elif NUM_C == 2:
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                             SAMPLE)),
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
+                             SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -445,10 +411,10 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
     else:
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, turn, scratch_ptr,
+                (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, PINGPONG)),
+                             SAMPLE)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -492,7 +458,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, pingpong: int = 0):  # fmt: skip
+                 bound: torch.Tensor | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
@@ -522,9 +488,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
-    if pingpong not in (0, 1, 2):
-        raise ValueError(f"pingpong must be 0 (off), 1 (after the products start) or 2 (after "
-                         f"they finish), got {pingpong}")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
@@ -543,7 +506,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, PINGPONG=pingpong, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
