@@ -62,7 +62,7 @@ def compile_report(half: int, tiles: dict) -> dict:
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"],
+        COMPACT=t["compact"], SAMPLE=t["sample"], OVERLAP=t["overlap"],
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
@@ -120,6 +120,8 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (256, dict(sample=2)),  # pass one over half the sub-keys, the candidates filtered
         (256, dict(sample=4)),  # ... a quarter
         (256, dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)),
+        (256, dict(overlap=True)),  # the next chunk's products run during a chunk's compaction
+        (256, dict(overlap=True, sample=4)),
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):

@@ -149,6 +149,8 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     k1, k2 = (torch.randn(2, 128, 64, device=DEVICE) for _ in range(2))  # two chunks
     with pytest.raises(ValueError, match="sample > 1 needs bound"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=2)
+    with pytest.raises(ValueError, match="overlap needs compact 1"):
+        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, overlap=True, compact=0)
     with pytest.raises(ValueError, match="consumers must be 1, 2 or 4"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=3)
     with pytest.raises(ValueError, match="lower consumer_regs"):  # 4 x 128 x 232 registers
@@ -210,6 +212,8 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
+        dict(compact=1, sample=1, overlap=True),  # the next chunk's products during compaction
+        dict(compact=1, sample=4, overlap=True),
     ],
 )
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,

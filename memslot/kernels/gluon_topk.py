@@ -218,11 +218,47 @@ def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr):
 
 
 @gluon.jit
+def _moved(s):
+    """s in registers of its own (a move the compiler cannot see through): the next products
+    can then take the registers of the result they replace, so that no move reads a result
+    still being written (which makes ptxas serialize every warpgroup product of the kernel)."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [s], dtype=gl.float32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok, cols, tri_smem,
+         zero, op_layout: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
+         BLOCK_C: gl.constexpr, BISECT: gl.constexpr, COMPACT: gl.constexpr,
+         SAMPLE: gl.constexpr):  # fmt: skip
+    """Pass two's work on chunk j's scores s (the i-th chunk it reads): store the kept ones;
+    with SAMPLE > 1 add the chunks pass one skipped to the group maxima and raise the bound at
+    their end. (count, group_max, lo, bound) after it."""
+    c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
+    if COMPACT == 0:
+        keep = s >= bound
+        before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout),
+                               tri_smem, zero, use_acc=False, is_async=True)  # fmt: skip
+        before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
+        count = _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE)
+    else:
+        count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE)
+    if SAMPLE > 1:
+        if i < n_rest:
+            group_max = gl.maximum(group_max, s)
+            if i + 1 == n_rest:
+                lo = _raise_bound(group_max, lo, K, BISECT)
+                bound = gl.expand_dims(lo, 1)
+    return count, group_max, lo, bound
+
+
+@gluon.jit
 def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, bound_ptr,
               N, H, n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
-              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
+              NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
+              OVERLAP: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
     are waited for before its result is used: starting the next chunk's first (two results in
     flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
@@ -257,6 +293,12 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         mbarrier.arrive(empty.index(stage), count=1)
         group_max = gl.maximum(group_max, s)
 
+    # pass two's first products need no bound: with OVERLAP they run during the bisection
+    if STOP != 1:
+        if OVERLAP:
+            stage = n_bound % STAGES
+            mbarrier.wait(ready.index(stage), (n_bound // STAGES) & 1)
+            acc = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
     # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum
     lo = _raise_bound(group_max, gl.min(group_max, axis=1), K, BISECT)
     bound = gl.expand_dims(lo, 1)
@@ -274,28 +316,37 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     # the group maxima, lifts the bound at their end (one from every chunk, for the filter),
     # then keeps the sampled chunks' candidates by it
     n_rest = n_chunks - n_bound
-    for i in range(n_chunks):
-        j = n_bound + i
-        stage = j % STAGES
-        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-        s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(empty.index(stage), count=1)
-        c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
-        if COMPACT == 0:
-            keep = s >= bound
-            before = warpgroup_mma(gl.convert_layout(keep.to(gl.bfloat16), op_layout),
-                                   tri_smem, zero, use_acc=False, is_async=True)  # fmt: skip
-            before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
-            count = _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE)
-        else:
-            count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE)
-        if SAMPLE > 1:
-            if i < n_rest:
-                group_max = gl.maximum(group_max, s)
-                if i + 1 == n_rest:
-                    lo = _raise_bound(group_max, lo, K, BISECT)
-                    bound = gl.expand_dims(lo, 1)
+    if OVERLAP:  # each chunk's products start before the chunk before is compacted
+        for i in range(n_chunks - 1):
+            j = n_bound + i
+            s = _moved(warpgroup_mma_wait(num_outstanding=0, deps=(acc,)))
+            mbarrier.arrive(empty.index(j % STAGES), count=1)
+            stage = (j + 1) % STAGES
+            mbarrier.wait(ready.index(stage), ((j + 1) // STAGES) & 1)
+            acc = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
+            count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
+                                               bound, row_ptr, row_ok, cols, tri_smem, zero,
+                                               op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
+                                               SAMPLE)  # fmt: skip
+        j = n_bound + n_chunks - 1
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        count, group_max, lo, bound = _two(s, n_chunks - 1, j, n_chunks, n_rest, count,
+                                           group_max, lo, bound, row_ptr, row_ok, cols,
+                                           tri_smem, zero, op_layout, K, WIDE, BLOCK_C, BISECT,
+                                           COMPACT, SAMPLE)  # fmt: skip
+    else:
+        for i in range(n_chunks):
+            j = n_bound + i
+            stage = j % STAGES
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            mbarrier.arrive(empty.index(stage), count=1)
+            count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
+                                               bound, row_ptr, row_ok, cols, tri_smem, zero,
+                                               op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
+                                               SAMPLE)  # fmt: skip
     if SAMPLE > 1:  # for ``triton_topk._filter_kernel``: it keeps the staged ones reaching it
         gl.store(bound_ptr + line, lo, mask=row_mask)
     gl.store(late_ptr + line, count, mask=row_mask)
@@ -340,7 +391,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -372,19 +423,19 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -397,11 +448,11 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -414,7 +465,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -458,7 +509,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool = False):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
@@ -488,6 +539,9 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
+    if overlap and compact != 1:
+        raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
+                         "next chunk's products)")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
@@ -506,7 +560,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
