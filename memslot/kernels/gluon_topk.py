@@ -316,7 +316,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
     # the group maxima, lifts the bound at their end (one from every chunk, for the filter),
     # then keeps the sampled chunks' candidates by it
     n_rest = n_chunks - n_bound
-    if OVERLAP:  # each chunk's products start before the chunk before is compacted
+    if OVERLAP and STOP != 1:  # each chunk's products start before the one before is compacted
         for i in range(n_chunks - 1):
             j = n_bound + i
             s = _moved(warpgroup_mma_wait(num_outstanding=0, deps=(acc,)))
