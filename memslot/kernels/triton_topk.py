@@ -493,7 +493,8 @@ def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: t
 
 
 def filter_candidates(stage: torch.Tensor, bound: torch.Tensor, scratch: torch.Tensor,
-                      late: torch.Tensor, rows: int = 16, piece: int = 64):  # fmt: skip
+                      late: torch.Tensor, rows: int = 16, piece: int = 64,
+                      num_warps: int = 4):  # fmt: skip
     """``_filter_kernel`` over every row of stage (..., STAGE_WIDE) int64 into scratch
     (..., WIDE) int64, by bound (...) fp32, counts in late (...) int32 (updated in place)."""
     L = late.numel()
@@ -501,7 +502,7 @@ def filter_candidates(stage: torch.Tensor, bound: torch.Tensor, scratch: torch.T
         return None
     return _filter_kernel[(triton.cdiv(L, rows),)](
         stage, bound, scratch, late, L, STAGE_WIDE=stage.shape[-1], WIDE=scratch.shape[-1],
-        ROWS=rows, PIECE=piece,
+        ROWS=rows, PIECE=piece, num_warps=num_warps,
     )  # fmt: skip
 
 
