@@ -151,7 +151,7 @@ def main() -> None:
     # plain tiles (query in registers, 4 stages, places by quad scans, pass one over every
     # chunk), then the places by the triangle, pass one over half the chunks, the query read
     # from shared memory, four consumers a program
-    variants = [dict(), dict(sample=2), C4, dict(C4, sample=2)]
+    variants = [dict(), dict(overlap=False), dict(sample=2), C4, dict(C4, sample=2)]
     if not args.quick:
         variants += [dict(sample=4), dict(C4, sample=4), dict(compact=0), dict(q_reg=False),
                      dict(C4, stages=2), dict(stages=3), dict(q_reg=False, stages=3),

@@ -212,8 +212,9 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
-        dict(compact=1, sample=1, overlap=True),  # the next chunk's products during compaction
-        dict(compact=1, sample=4, overlap=True),
+        # each chunk's products waited for before the next's start, the bound by 12 halvings
+        dict(compact=1, sample=1, overlap=False, bisect=12),
+        dict(compact=1, sample=4, overlap=False),
     ],
 )
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,

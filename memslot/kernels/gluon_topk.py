@@ -42,7 +42,10 @@ On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): 
 0.27 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.14 against
 0.18), 0.99 against 1.56 at 4,096; the whole top-k 0.42 ms against 0.58 and 1.05 against
 1.68, and 1.00 at 4,096 with pass one over a quarter of the sub-keys (``sample`` 4, the
-default there: ``triton_topk._default_ws_tiles``).
+default there: ``triton_topk._default_ws_tiles``). Pass two is held by its compaction (about
+420 instructions a chunk a warp against 130 in pass one), not by the tensor cores: Nsight
+Compute puts the tensor pipe at 57% of the kernel, the consumers' bisection at 12% of their
+time (hence 6 halvings, not 12) and their waits on the products in pass two at 17%.
 """
 
 from __future__ import annotations
@@ -259,10 +262,12 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
               OVERLAP: gl.constexpr):  # fmt: skip
-    """Both passes for ROWS query rows: consumer C of the program's NUM_C. Each chunk's products
-    are waited for before its result is used: starting the next chunk's first (two results in
-    flight) was slower on the H200 (pass one 0.266 ms against 0.131 at 1,024 sub-keys), and
-    the two consumers already take turns on the tensor cores."""
+    """Both passes for ROWS query rows: consumer C of the program's NUM_C. In pass one each
+    chunk's products are waited for before its result is used. With OVERLAP pass two starts
+    each chunk's products before it compacts the chunk before (its first chunk's during the
+    bisection), the finished result moved to registers of its own (``_moved``): an earlier
+    try that carried the result in flight through the loop had ptxas serialize every product
+    of the kernel (pass one 0.266 ms against 0.131 at 1,024 sub-keys)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_C, 16]
     )
@@ -504,12 +509,20 @@ def _layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
 
 
+def overlap_by_default(compact: int, consumers: int) -> bool:
+    """Whether pass two overlaps each chunk's products with the compaction of the chunk before
+    unless the caller says: with places by quad scans (the triangle's product would wait on
+    the next chunk's products) and at most two consumers (four have no registers for a second
+    result)."""
+    return compact == 1 and consumers <= 2
+
+
 def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
-                 stages: int = 4, bisect: int = 12, stop: int = 0, consumer_regs: int = 232,
+                 stages: int = 4, bisect: int = 6, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, overlap: bool = False):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
@@ -524,7 +537,10 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     a half or a quarter of the chunks (``sample`` 2 / 4, the candidates filtered): 0.51 / 1.02
     and 0.59 / 1.00 ms against 0.42 / 1.05 (in turns, one call), so 4 from 4,096 sub-keys. Four
     consumers a program (``consumers`` 4, 120 registers each, the query read from shared memory,
-    3 stages): 0.43 / 1.04.
+    3 stages): 0.43 / 1.04. The bound by 6 halvings (``bisect``) rather than 12: 0.403 / 0.95
+    against 0.416 / 0.97; with pass two's products overlapped (``overlap``, the default where
+    ``overlap_by_default`` holds): 0.399 / 0.94 (one call, in turns). Consumers taking turns
+    on the tensor cores (an mbarrier handing each its turn) gained nothing: 0.418 / 0.96.
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
@@ -539,6 +555,8 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
+    if overlap is None:
+        overlap = overlap_by_default(compact, consumers)
     if overlap and compact != 1:
         raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
                          "next chunk's products)")  # fmt: skip

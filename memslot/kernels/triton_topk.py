@@ -493,8 +493,8 @@ def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: t
 
 
 def filter_candidates(stage: torch.Tensor, bound: torch.Tensor, scratch: torch.Tensor,
-                      late: torch.Tensor, rows: int = 16, piece: int = 64,
-                      num_warps: int = 4):  # fmt: skip
+                      late: torch.Tensor, rows: int = 4, piece: int = 32,
+                      num_warps: int = 1):  # fmt: skip
     """``_filter_kernel`` over every row of stage (..., STAGE_WIDE) int64 into scratch
     (..., WIDE) int64, by bound (...) fp32, counts in late (...) int32 (updated in place)."""
     L = late.numel()
