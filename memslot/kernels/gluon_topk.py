@@ -167,83 +167,6 @@ def _quad_compact_asm(block_c: int, wide: int) -> str:
 
 
 @triton.constexpr_function
-def _bit_compact_asm(block_c: int, wide: int) -> str:
-    """PTX as ``_quad_compact_asm`` (the same operands, counts and places), whose stores loop
-    over the kept elements only: a thread's kept elements are the set bits of a mask, its
-    scores are stashed in local memory, and each step stores the lowest kept element (its
-    score loaded back by index, its row's place and column from the bit's position). The
-    predicated store of every element costs about 7 instructions whether kept or not; a step
-    costs about 20, taken as often as the warp's busiest thread keeps an element."""
-    e = block_c // 2
-    s, b, c, ptr, c0 = (e * (k + 1) for k in range(5))
-    rows0 = sum(1 << j for j in range(e) if not (j >> 1) & 1)  # the elements of row 0
-    rows1 = (1 << e) - 1 - rows0
-    out = [
-        "{",
-        ".reg .pred p, q0, q1, pr;",
-        ".reg .b32 n0, n1, i0, i1, c0, c1, t, col, k0, k1, mask, lo, j, place, x;",
-        ".reg .b64 a, base;",
-        f".local .align 16 .b32 stash[{e}];",
-        "mov.b32 mask, 0;",
-    ]
-    for j in range(e):  # bit j of mask: element j is kept
-        r = (j >> 1) & 1
-        out += [f"setp.ge.f32 p, ${s + j}, ${b + 2 * r};", f"@p or.b32 mask, mask, {1 << j};"]
-    out += [f"and.b32 t, mask, {rows0};", "popc.b32 n0, t;",
-            f"and.b32 t, mask, {rows1};", "popc.b32 n1, t;"]  # fmt: skip
-    for r in (0, 1):
-        out += [
-            f"mov.b32 i{r}, n{r};",  # inclusive scan over the quad's lanes
-            f"shfl.sync.up.b32 t|p, i{r}, 1, 0x1c00, 0xffffffff;",
-            f"@p add.s32 i{r}, i{r}, t;",
-            f"shfl.sync.up.b32 t|p, i{r}, 2, 0x1c00, 0xffffffff;",
-            f"@p add.s32 i{r}, i{r}, t;",
-            f"shfl.sync.idx.b32 t, i{r}, 3, 0x1c1f, 0xffffffff;",  # the row's kept this chunk
-            f"add.s32 c{r}, ${c + 2 * r}, t;",  # its new count
-            f"setp.le.s32 q{r}, c{r}, {wide};",  # all of them fit in the row's places
-            f"sub.s32 k{r}, i{r}, n{r};",
-            f"add.s32 k{r}, k{r}, ${c + 2 * r};",  # this thread's next place in the row
-        ]
-    out += [f"@!q0 and.b32 mask, mask, {rows1};", f"@!q1 and.b32 mask, mask, {rows0};"]
-    for g in range(e // 4):
-        v = ", ".join(f"${s + 4 * g + k}" for k in range(4))
-        out.append(f"st.local.v4.b32 [stash+{16 * g}], {{{v}}};")
-    out += [
-        "mov.u32 t, %laneid;",
-        "and.b32 t, t, 3;",
-        "shl.b32 t, t, 1;",
-        f"add.s32 col, t, ${c0};",
-        "BIT_LOOP:",
-        "setp.eq.u32 p, mask, 0;",
-        "@p bra BIT_DONE;",
-        "neg.s32 t, mask;",
-        "and.b32 lo, mask, t;",  # the lowest kept element
-        "xor.b32 mask, mask, lo;",
-        "bfind.u32 j, lo;",
-        "bfe.u32 t, j, 1, 1;",
-        "setp.ne.u32 pr, t, 0;",  # its row
-        "selp.b32 place, k1, k0, pr;",
-        f"selp.b64 base, ${ptr + 2}, ${ptr}, pr;",
-        "mad.wide.s32 a, place, 8, base;",
-        "shr.u32 t, j, 2;",
-        "and.b32 x, j, 1;",
-        "mad.lo.u32 t, t, 8, x;",
-        "add.s32 t, t, col;",  # its column
-        "mov.u32 x, stash;",
-        "mad.lo.u32 x, j, 4, x;",
-        "ld.local.b32 x, [x];",  # its score
-        "st.global.v2.b32 [a], {t, x};",
-        "@pr add.s32 k1, k1, 1;",
-        "@!pr add.s32 k0, k0, 1;",
-        "bra BIT_LOOP;",
-        "BIT_DONE:",
-    ]
-    out += [f"mov.b32 ${j}, c{(j >> 1) & 1};" for j in range(e)]
-    out.append("}")
-    return " ".join(out)
-
-
-@triton.constexpr_function
 def _quad_compact_constraints(block_c: int) -> str:
     e = block_c // 2
     return ",".join(["=r"] * e + ["f"] * e + ["f"] * e + ["r"] * e + ["l"] * e + ["r"] * e)
@@ -256,14 +179,10 @@ def _first(a, b):
 
 
 @gluon.jit
-def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr,
-                  COMPACT: gl.constexpr):
+def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr):
     """Chunk c0's kept scores (s >= bound) stored at their rows' next places (from count); the
     rows' new counts. See ``_quad_compact_asm``."""
-    if COMPACT == 2:
-        asm: gl.constexpr = _bit_compact_asm(BLOCK_C, WIDE)
-    else:
-        asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE)
+    asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE)
     new = gl.inline_asm_elementwise(
         asm, _quad_compact_constraints(BLOCK_C),
         [s, bound, gl.expand_dims(count, 1), row_ptr.to(gl.int64, bitcast=True), c0],
@@ -326,7 +245,7 @@ def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok
         before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
         count = _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE)
     else:
-        count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE, COMPACT)
+        count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE)
     if SAMPLE > 1:
         if i < n_rest:
             group_max = gl.maximum(group_max, s)
@@ -595,7 +514,7 @@ def overlap_by_default(compact: int, consumers: int) -> bool:
     unless the caller says: with places by quad scans (the triangle's product would wait on
     the next chunk's products) and at most two consumers (four have no registers for a second
     result)."""
-    return compact >= 1 and consumers <= 2
+    return compact == 1 and consumers <= 2
 
 
 def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
@@ -636,12 +555,9 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if sample < 1 or n_keys // block_c // sample < 1:
         raise ValueError(f"sample must be in [1, n_keys / block_c = {n_keys // block_c}], "
                          f"got {sample}")  # fmt: skip
-    if compact not in (0, 1, 2):
-        raise ValueError(f"compact must be 0 (the triangle's product), 1 (quad scans) or 2 (a "
-                         f"loop over the kept elements), got {compact}")  # fmt: skip
     if overlap is None:
         overlap = overlap_by_default(compact, consumers)
-    if overlap and compact == 0:
+    if overlap and compact != 1:
         raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
                          "next chunk's products)")  # fmt: skip
     if sample > 1 and bound is None:
