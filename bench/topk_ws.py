@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 bench/topk_ws.py [--quick]
     PYTHONPATH=. python3 bench/topk_ws.py --compare '[{}, {"bisect": 6}]'  # these tiles only
+    PYTHONPATH=. python3 bench/topk_ws.py --profile '[null, {"sample": 2}]'  # time by kernel
+    PYTHONPATH=. python3 bench/topk_ws.py --filter-sweep  # the filter kernel's tiles
     PYTHONPATH=. ncu --clock-control none -k regex:_half_topk_ws -c 1 --set full \
         python3 bench/topk_ws.py --once '{"sample": 4}' --n-keys 4096   # one call, for a profiler
 
@@ -91,7 +93,7 @@ def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
             for i, t in enumerate(tiles):
                 for stop in (0, 1):
                     times[i][stop].append(bench_ms(
-                        lambda t=t, stop=stop: triton_topk.product_key_topk_forward(
+                        lambda t=t, stop=stop, ops=ops: triton_topk.product_key_topk_forward(
                             *ops, K, stop=stop, ws=True, ws_tiles=t)))  # fmt: skip
         for i, t in enumerate(tiles):
             cells = [" / ".join(f"{ms:.3f}" for ms in times[i][stop]) for stop in (0, 1)]
@@ -100,6 +102,70 @@ def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
     print("| sub-keys | tiles | whole top-k ms (in turns) | pass one ms |")
     print("|---|---|---|---|")
     print("\n".join(rows), flush=True)
+    return ok
+
+
+def profile_kernels(tiles_list: list[dict | None], calls: int = 20) -> None:
+    """Each kernel's device time in the whole top-k (``torch.profiler``, a mean of ``calls``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for n_keys in (1024, 4096):
+        ops = operands(16384, 4, 256, n_keys)
+        for tiles in tiles_list:
+
+            def run(tiles=tiles, ops=ops):
+                return triton_topk.product_key_topk_forward(*ops, 32, ws=True, ws_tiles=tiles)
+
+            for _ in range(5):
+                run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    run()
+                torch.cuda.synchronize()
+            ms = {e.key[:50]: e.device_time_total / calls / 1000 for e in prof.key_averages()
+                  if e.device_time_total > 0}  # fmt: skip
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda x: -x[1]))
+            print(f"{n_keys} sub-keys, tiles {tiles}: {sum(ms.values()):.3f} ms = {parts}",
+                  flush=True)  # fmt: skip
+
+
+def filter_sweep() -> bool:
+    """The filter kernel's tiles (rows, places, warps) on what the Gluon kernel stages at 4,096
+    sub-keys with pass one over a quarter; each tile's output checked against the default's."""
+    N, H, half, n_keys, K, wide = 16384, 4, 256, 4096, 32, 128
+    q1, q2, k1, k2 = operands(N, H, half, n_keys)
+    stage = torch.empty(2, H, N, wide * 4, dtype=torch.int64, device="cuda")
+    staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
+    bound = torch.empty(2, H, N, device="cuda")
+    gluon_topk.half_topk_ws(q1, q2, k1, k2, stage, staged, K, stage.shape[-1], bound=bound,
+                            sample=4)  # fmt: skip
+    want_s = torch.full((2, H, N, wide), -1, dtype=torch.int64, device="cuda")
+    want_n = staged.clone()
+    triton_topk.filter_candidates(stage, bound, want_s, want_n)
+    print(f"staged a row: mean {staged.float().mean().item():.1f}, max {staged.max().item()}; "
+          f"kept: mean {want_n.float().mean().item():.1f}, max {want_n.max().item()}")  # fmt: skip
+    filled = torch.arange(wide, device="cuda") < want_n.clamp(max=wide)[..., None]
+    late, scratch = staged.clone(), torch.empty_like(want_s)
+    copy_ms = bench_ms(lambda: late.copy_(staged))  # each call starts from the staged counts
+    ok, rows_out = True, []
+    for rows in (4, 8, 16, 32):
+        for piece in (32, 64, 128):
+            for warps in (1, 2, 4):
+
+                def run(rows=rows, piece=piece, warps=warps):
+                    late.copy_(staged)
+                    triton_topk.filter_candidates(stage, bound, scratch, late, rows, piece, warps)
+
+                scratch.fill_(-1)
+                run()
+                same = torch.equal(late, want_n) and torch.equal(scratch[filled], want_s[filled])
+                ok &= same
+                rows_out.append((bench_ms(run) - copy_ms, rows, piece, warps, same))
+    print("| rows | places | warps | ms | same output |")
+    print("|---|---|---|---|---|")
+    for ms, rows, piece, warps, same in sorted(rows_out)[:10]:
+        print(f"| {rows} | {piece} | {warps} | {ms:.4f} | {same} |")
     return ok
 
 
@@ -112,11 +178,21 @@ def main() -> None:
     ap.add_argument("--compare", type=json.loads, metavar="TILES_LIST",
                     help="only these Gluon tiles (a JSON list; at 4,096 sub-keys with sample 4 "
                          "unless a tile names one): their same-bits checks and times, in turns")  # fmt: skip
+    ap.add_argument("--profile", type=json.loads, metavar="TILES_LIST",
+                    help="device time of each kernel of the whole top-k for these Gluon tiles "
+                         "(a JSON list; null: the defaults), at 1,024 and 4,096 sub-keys")  # fmt: skip
+    ap.add_argument("--filter-sweep", action="store_true",
+                    help="the filter kernel's tiles on the stage of 4,096 sub-keys, sample 4")  # fmt: skip
     args = ap.parse_args()
     import triton
 
     if args.compare is not None:
         sys.exit(0 if compare(args.compare) else 1)
+    if args.profile is not None:
+        profile_kernels(args.profile)
+        return
+    if args.filter_sweep:
+        sys.exit(0 if filter_sweep() else 1)
 
     if args.once is not None:  # nothing else launched: a profiler's kernel filter finds these
         ops = operands(16384, 4, 256, args.n_keys)
