@@ -106,8 +106,8 @@ def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
 
 
 def profile_kernels(tiles_list: list[dict | None], calls: int = 20) -> None:
-    """Each kernel's device time in the whole top-k (``torch.profiler``, a mean of ``calls``)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Each kernel's device time in the whole top-k (``kernels.profile``: torch.profiler)."""
+    from kernels import profile  # bench/kernels.py, beside this file
 
     for n_keys in (1024, 4096):
         ops = operands(16384, 4, 256, n_keys)
@@ -118,16 +118,7 @@ def profile_kernels(tiles_list: list[dict | None], calls: int = 20) -> None:
 
             for _ in range(5):
                 run()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(calls):
-                    run()
-                torch.cuda.synchronize()
-            ms = {e.key[:50]: e.device_time_total / calls / 1000 for e in prof.key_averages()
-                  if e.device_time_total > 0}  # fmt: skip
-            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda x: -x[1]))
-            print(f"{n_keys} sub-keys, tiles {tiles}: {sum(ms.values()):.3f} ms = {parts}",
-                  flush=True)  # fmt: skip
+            profile(f"the top-k, {n_keys} sub-keys, tiles {tiles}", run, reps=calls)
 
 
 def filter_sweep() -> bool:
