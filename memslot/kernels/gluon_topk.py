@@ -39,10 +39,10 @@ It gives the same bits as the Triton path (its products are the same warpgroup p
 has no CPU interpreter: the tests of this path run on the GPU.
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
-0.27 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.14 against
-0.18), 0.99 against 1.56 at 4,096; the whole top-k 0.42 ms against 0.58 and 1.05 against
-1.68, and 1.00 at 4,096 with pass one over a quarter of the sub-keys (``sample`` 4, the
-default there: ``triton_topk._default_ws_tiles``). Pass two is held by its compaction (about
+0.24 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.12 against
+0.18); the whole top-k 0.40 ms against 0.58, and 0.89-0.93 against 1.68 at 4,096 sub-keys,
+where pass one reads a quarter of them (``sample`` 4, the default there:
+``triton_topk._default_ws_tiles``). Pass two is held by its compaction (about
 420 instructions a chunk a warp against 130 in pass one), not by the tensor cores: Nsight
 Compute puts the tensor pipe at 57% of the kernel, the consumers' bisection at 12% of their
 time (hence 6 halvings, not 12) and their waits on the products in pass two at 17%.
