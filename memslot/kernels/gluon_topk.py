@@ -512,9 +512,10 @@ def _layout(rows: int):
 def overlap_by_default(compact: int, consumers: int) -> bool:
     """Whether pass two overlaps each chunk's products with the compaction of the chunk before
     unless the caller says: with places by quad scans (the triangle's product would wait on
-    the next chunk's products) and at most two consumers (four have no registers for a second
-    result)."""
-    return compact == 1 and consumers <= 2
+    the next chunk's products) and two consumers, the tiles timed and checked on the H200 (four
+    have no registers for a second result; one, capped at 128 registers for two programs a
+    multiprocessor, compiles with it but was not timed)."""
+    return compact == 1 and consumers == 2
 
 
 def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
