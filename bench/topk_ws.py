@@ -49,15 +49,13 @@ def operands(N, H, half, n_keys, seed=0, same_keys=False):
 
 def check_same(N, H, half, n_keys, K, seed=0, same_keys=False, **ws_tiles) -> bool:
     q1, q2, k1, k2 = operands(N, H, half, n_keys, seed, same_keys)
-    rows = ws_tiles.pop("combine_rows", None)  # the combine kernel's rows a program
     if not gluon_topk.eligible(q1, q2, k1, K, ws_tiles.get("block_c", gluon_topk.BLOCK_C_)):
         print(f"  not eligible: N={N} H={H} half={half} n_keys={n_keys} K={K}")
         return False
     a = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, save_for_backward=True,
                                              ws=False)  # fmt: skip
     b = triton_topk.product_key_topk_forward(q1, q2, k1, k2, K, save_for_backward=True,
-                                             ws=True, ws_tiles=ws_tiles,
-                                             combine_rows=rows)  # fmt: skip
+                                             ws=True, ws_tiles=ws_tiles)  # fmt: skip
     torch.cuda.synchronize()
     same = all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     scores_same = torch.equal(a[0], b[0])
@@ -93,13 +91,10 @@ def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
         times = {i: {0: [], 1: []} for i in range(len(tiles))}
         for _ in range(rounds):
             for i, t in enumerate(tiles):
-                kw = dict(t)
-                crows = kw.pop("combine_rows", None)  # the combine kernel's rows a program
                 for stop in (0, 1):
                     times[i][stop].append(bench_ms(
-                        lambda kw=kw, crows=crows, stop=stop, ops=ops:
-                        triton_topk.product_key_topk_forward(
-                            *ops, K, stop=stop, ws=True, ws_tiles=kw, combine_rows=crows)))  # fmt: skip
+                        lambda t=t, stop=stop, ops=ops: triton_topk.product_key_topk_forward(
+                            *ops, K, stop=stop, ws=True, ws_tiles=t)))  # fmt: skip
         for i, t in enumerate(tiles):
             cells = [" / ".join(f"{ms:.3f}" for ms in times[i][stop]) for stop in (0, 1)]
             rows.append(f"| {n_keys} | {t or 'plain tiles'} | " + " | ".join(cells) + " |")
@@ -173,9 +168,7 @@ def main() -> None:
     ap.add_argument("--n-keys", type=int, default=1024, help="sub-keys for --once")
     ap.add_argument("--compare", type=json.loads, metavar="TILES_LIST",
                     help="only these Gluon tiles (a JSON list; at 4,096 sub-keys with sample 4 "
-                         "unless a tile names one; \"combine_rows\" in a tile sets the combine "
-                         "kernel's rows a program, \"filter_in_combine\": false the separate "
-                         "filter): their same-bits checks and times, in turns")  # fmt: skip
+                         "unless a tile names one): their same-bits checks and times, in turns")  # fmt: skip
     ap.add_argument("--profile", type=json.loads, metavar="TILES_LIST",
                     help="device time of each kernel of the whole top-k for these Gluon tiles "
                          "(a JSON list; null: the defaults), at 1,024 and 4,096 sub-keys")  # fmt: skip

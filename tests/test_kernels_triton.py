@@ -188,56 +188,6 @@ def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_or
     assert (late[1, 1, :2] > wide).all()  # those blocks go to the recheck
 
 
-def test_the_combine_kernel_filters_staged_candidates_as_it_ranks_them():
-    # what the Gluon kernel leaves with a sampled bound, built from known half-scores: each
-    # row's candidates staged by a looser bound in any order, its bound from every sub-key;
-    # the combine kernel keeps those reaching the bound and ranks them, and the top-k of the
-    # sums must be the exact one, including the rare rows it ranks from the stage itself
-    g = torch.Generator().manual_seed(11)
-    n, heads, n_keys, topk, stage_wide, wide = 13, 2, 200, 4, 64, 32
-    score = torch.randn(2, heads, n, n_keys, generator=g)
-    score[0, 0, 3, 7] = score[0, 0, 3].sort(descending=True).values[topk - 1]  # a tie at the Kth
-    order = torch.sort(score, dim=-1, descending=True, stable=True)  # ties: lower index first
-    top_s, top_i = order.values[..., :topk], order.indices[..., :topk]
-    loose = torch.randint(topk, 45, (2, heads, n), generator=g)  # rank of the looser bound
-    tight = topk - 1 + (torch.rand(2, heads, n, generator=g) * (loose - topk + 1)).long()
-    loose[1, 1, :2], tight[1, 1, :2] = 50, 40  # more keepers than scratch places
-    bound = order.values.gather(-1, tight[..., None])[..., 0]
-    bound[0, 1, 5] = score[0, 1, 5].max() + 1  # no bound held (as with NaN scores): none kept
-    stage = torch.full((2, heads, n, stage_wide), -1, dtype=torch.int64)
-    raw = (score.view(torch.int32).to(torch.int64) << 32) | torch.arange(n_keys)
-    late = (loose + 1).to(torch.int32)
-    for line in range(2 * heads * n):
-        c = int(late.view(-1)[line])
-        picked = order.indices.view(-1, n_keys)[line, :c]
-        picked = picked[torch.randperm(c, generator=g)]  # staged in any order
-        stage.view(-1, stage_wide)[line, :c] = raw.view(-1, n_keys)[line, picked]
-    # rows the recheck ranked: -1, their sorted top-k already in half_s / half_idx
-    half_s = torch.zeros(2, n, heads, topk)
-    half_idx = torch.zeros(2, n, heads, topk, dtype=torch.int32)
-    for which, h, row in ((0, 0, 0), (1, 0, 12)):
-        late[which, h, row] = -1
-        half_s[which, row, h] = top_s[which, h, row]
-        half_idx[which, row, h] = top_i[which, h, row].int()
-    dev = [t.to(DEVICE) for t in (stage, late, bound, half_s, half_idx)]
-    stage, late, bound, half_s, half_idx = dev
-    scores = torch.empty(n, heads, topk, device=DEVICE)
-    slots = torch.empty(n, heads, topk, dtype=torch.int64, device=DEVICE)
-    pair_rank = torch.empty(2, n, heads, topk, dtype=torch.int32, device=DEVICE)
-    scratch = torch.empty(2, heads, n, wide, dtype=torch.int64, device=DEVICE)
-    triton_topk.combine(half_s, half_idx, scores, slots, pair_rank, n_keys, True, combine_rows=16,
-                        scratch=scratch, late=late, stage=stage, bound=bound)  # fmt: skip
-    # the exact answer: every pair of the halves' top-k, summed in fp32, the best k of them
-    sums = top_s[0][..., :, None] + top_s[1][..., None, :]  # (H, N, K, K)
-    best = sums.flatten(-2).topk(topk, dim=-1)
-    a, b = best.indices // topk, best.indices % topk
-    want_slots = top_i[0].gather(-1, a) * n_keys + top_i[1].gather(-1, b)
-    assert torch.equal(scores.cpu(), best.values.transpose(0, 1))
-    assert torch.equal(slots.cpu(), want_slots.transpose(0, 1))
-    assert torch.equal(half_idx.cpu(), top_i.transpose(1, 2).int())  # what the backward keeps
-    assert torch.equal(pair_rank.cpu(), torch.stack([a, b]).transpose(1, 2).int())
-
-
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 # four consumer warpgroups a program: their registers and the loader's fit in 64K
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
@@ -261,7 +211,6 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
-        dict(compact=1, sample=4, filter_in_combine=False),  # by a kernel of its own
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
         # each chunk's products waited for before the next's start, the bound by 12 halvings
         dict(compact=1, sample=1, overlap=False, bisect=12),

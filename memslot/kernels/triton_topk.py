@@ -460,30 +460,6 @@ def _recheck_kernel(
 
 
 @triton.jit
-def _filter_places(stage_ptr, scratch_ptr, line, count, bound, whole, STAGE_WIDE: tl.constexpr,
-                   WIDE: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
-    """Each ``whole`` row's staged ``_raw`` candidates that reach its bound, in their order: row
-    ``line`` has count of them at places 0.. of its STAGE_WIDE in stage; the keepers go to its
-    first places in scratch (WIDE a row; past WIDE they are counted, not stored). Returns the
-    number of each row's keepers (0 for the rows not whole)."""
-    src = stage_ptr + line.to(tl.int64)[:, None] * STAGE_WIDE
-    dst = scratch_ptr + line.to(tl.int64)[:, None] * WIDE
-    kept = tl.zeros_like(count)
-    most = tl.max(tl.where(whole, count, 0), axis=0)
-    for start in range(0, most, PIECE):
-        place = start + tl.arange(0, PIECE)[None, :]
-        valid = (place < count[:, None]) & whole[:, None]
-        cand = tl.load(src + place, mask=valid, other=0, eviction_policy="evict_first")
-        score = (cand >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        keep = valid & (score >= bound[:, None])
-        k = keep.to(tl.int32)
-        dest = kept[:, None] + tl.cumsum(k, axis=1) - 1
-        tl.store(dst + dest, cand, mask=keep & (dest < WIDE))
-        kept += tl.sum(k, axis=1)
-    return kept
-
-
-@triton.jit
 def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: tl.constexpr,
                    WIDE: tl.constexpr, ROWS: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
     """Keep, for ROWS rows of L, the staged ``_raw`` candidates that reach the row's bound.
@@ -492,16 +468,27 @@ def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: t
     at least bound[r] go, in their order, to its first places in scratch (WIDE a row), and
     late[r] becomes their number. A row with more than STAGE_WIDE (not all were staged) keeps
     its count; one with more than WIDE keepers stores WIDE of them: both counts pass WIDE, so
-    the recheck ranks their blocks. (By default the combine kernel filters as it ranks,
-    ``_ranked_half`` with FILTER; this kernel is the separate step it replaced.)
+    the recheck ranks their blocks.
     """
     lines = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = lines < L
     count = tl.load(late_ptr + lines, mask=ok, other=0)
     bound = tl.load(bound_ptr + lines, mask=ok, other=0.0)
     whole = ok & (count <= STAGE_WIDE)
-    kept = _filter_places(stage_ptr, scratch_ptr, lines, count, bound, whole, STAGE_WIDE, WIDE,
-                          PIECE)  # fmt: skip
+    src = stage_ptr + lines.to(tl.int64)[:, None] * STAGE_WIDE
+    dst = scratch_ptr + lines.to(tl.int64)[:, None] * WIDE
+    kept = tl.zeros([ROWS], dtype=tl.int32)
+    most = tl.max(tl.where(whole, count, 0), axis=0)
+    for start in range(0, most, PIECE):
+        place = start + tl.arange(0, PIECE)[None, :]
+        valid = (place < count[:, None]) & whole[:, None]
+        cand = tl.load(src + place, mask=valid, other=0)
+        score = (cand >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        keep = valid & (score >= bound[:, None])
+        k = keep.to(tl.int32)
+        dest = kept[:, None] + tl.cumsum(k, axis=1) - 1
+        tl.store(dst + dest, cand, mask=keep & (dest < WIDE))
+        kept += tl.sum(k, axis=1)
     tl.store(late_ptr + lines, kept, mask=whole)
 
 
@@ -543,55 +530,38 @@ def _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N: tl
 
 
 @triton.jit
-def _rank_places(src, count, row_mask, start, PLACES: tl.constexpr, KP: tl.constexpr):
-    """The top KP ``_pack`` keys, descending, of each row's candidates at places start .. start +
-    PLACES from its pointer src (the first count[row] of them filled)."""
+def _rank_places(scratch_ptr, line, count, row_mask, start, PLACES: tl.constexpr,
+                 WIDE: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+    """The top KP ``_pack`` keys, descending, of each row's candidates in scratch places
+    start .. start + PLACES (WIDE places a row, the first count[row] of them filled)."""
     slot = start + tl.arange(0, PLACES)
     valid = (slot[None, :] < count[:, None]) & row_mask[:, None]
-    cand = tl.load(src[:, None] + slot[None, :], mask=valid, other=0)
+    cand = tl.load(scratch_ptr + line.to(tl.int64)[:, None] * WIDE + slot[None, :], mask=valid,
+                   other=0)  # fmt: skip
     return tl.topk(_rank_key(cand, valid), KP)
 
 
 @triton.jit
 def _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, which, R, H,
                  SAVE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
-                 WIDE: tl.constexpr, stage_ptr, bound_ptr, FILTER: tl.constexpr,
-                 STAGE_WIDE: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
+                 WIDE: tl.constexpr):  # fmt: skip
     """Half ``which``'s sorted top-K of (token, head) rows r = n * H + h, descending: (scores
     (BLOCK_R, KP) fp32, -inf past K; sub-key indices int32). A row whose count in late
-    (2, H, N) is -1 was ranked by the half kernel or the recheck (read from half_s / half_i);
-    the others are ranked here from their count of candidates in scratch (2, H, N, WIDE): CAP
-    places, and for the rare program with a row past CAP the rest CAP at a time, merged in;
-    with SAVE their indices are stored to half_i for the backward.
-
-    With FILTER the count is of candidates staged in stage (2, H, N, STAGE_WIDE) by a looser
-    bound: the ones that reach each row's bound in bound (2, H, N) are first copied to scratch
-    (``_filter_places``). The rare row with more keepers than WIDE, or fewer than K (no bound
-    held: NaN scores), is ranked from all its staged candidates instead (the looser bound they
-    reached holds as well, or the row takes the best of what was staged)."""
+    (2, H, N) is -1 was ranked by the half kernel (read from half_s / half_i); the others are
+    ranked here from their count of candidates in scratch (2, H, N, WIDE): CAP places, and for
+    the rare program with a row past CAP the rest CAP at a time, merged in; with SAVE their
+    indices are stored to half_i for the backward."""
     N = R // H
     kcol = tl.arange(0, KP)
     off = which * R * K + rows[:, None] * K + kcol[None, :]
     mask = row_mask[:, None] & (kcol[None, :] < K)
     line = (which * H + rows % H) * N + rows // H  # (which, h, n)
     count = tl.load(late_ptr + line, mask=row_mask, other=0)
-    src = scratch_ptr + line.to(tl.int64) * WIDE
-    n = count
-    most = tl.minimum(tl.max(count, axis=0), WIDE)
-    if FILTER:
-        bound = tl.load(bound_ptr + line, mask=row_mask, other=0.0)
-        whole = row_mask & (count >= 0)
-        kept = _filter_places(stage_ptr, scratch_ptr, line, count, bound, whole, STAGE_WIDE, WIDE,
-                              PIECE)  # fmt: skip
-        tl.debug_barrier()  # the keepers stored before any thread of the program reads them
-        from_stage = whole & ((kept > WIDE) | (kept < K))  # rare
-        src = tl.where(from_stage, stage_ptr + line.to(tl.int64) * STAGE_WIDE, src)
-        n = tl.where(from_stage, count, kept)
-        most = tl.max(tl.where(whole, n, 0), axis=0)
-    best = _rank_places(src, n, row_mask, 0, CAP, KP)
-    if FILTER or WIDE > CAP:  # rare: a row past CAP places; CAP more at a time, merged in
+    best = _rank_places(scratch_ptr, line, count, row_mask, 0, CAP, WIDE, KP)
+    if WIDE > CAP:  # rare: a row past CAP places; CAP more at a time up to its count, merged in
+        most = tl.minimum(tl.max(count, axis=0), WIDE)
         for start in range(CAP, most, CAP):
-            more = _rank_places(src, n, row_mask, start, CAP, KP)
+            more = _rank_places(scratch_ptr, line, count, row_mask, start, CAP, WIDE, KP)
             # the larger half of two descending lists is max(a, reversed b), then a sort
             best = tl.sort(tl.maximum(best, tl.flip(more, 1)), descending=True)
     score, index = _unpack(best)
@@ -634,11 +604,6 @@ def _combine_kernel(
     RANK: tl.constexpr = False,
     CAP: tl.constexpr = 16,
     WIDE: tl.constexpr = 16,
-    stage_ptr=None,
-    bound_ptr=None,
-    FILTER: tl.constexpr = False,
-    STAGE_WIDE: tl.constexpr = 16,
-    PIECE: tl.constexpr = 32,
 ):
     """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K
     (with RANK first ranked here from the half kernel's candidates, ``_ranked_half``).
@@ -659,11 +624,9 @@ def _combine_kernel(
     mask = row_mask[:, None] & (kcol[None, :] < K)
     if RANK:  # the half kernel left most rows' candidates in scratch: rank them here
         t1, i1 = _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 0,
-                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE, stage_ptr, bound_ptr,
-                              FILTER, STAGE_WIDE, PIECE)  # fmt: skip
+                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE)  # fmt: skip
         t2, i2 = _ranked_half(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, rows, row_mask, 1,
-                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE, stage_ptr, bound_ptr,
-                              FILTER, STAGE_WIDE, PIECE)  # fmt: skip
+                              R, H, SAVE_FOR_BACKWARD, K, KP, CAP, WIDE)  # fmt: skip
     else:
         t1 = tl.load(half_s_ptr + off, mask=mask, other=float("-inf"))
         t2 = tl.load(half_s_ptr + R * K + off, mask=mask, other=float("-inf"))
@@ -897,14 +860,10 @@ def product_key_topk_forward(
     combine_rows = combine_rows or tiles["combine_rows" if later else "combine_rows_ranked"]
     even = n_keys % block_c == 0 and half == half_p2
     ieee = q1.dtype == torch.float32 or _INTERPRETED
-    stage = bound = None  # candidates staged by a looser bound, and each row's bound
     if ws:
         # with pass one over 1 / sample of the sub-keys, pass two stages about sample times the
         # candidates, and the filter keeps those reaching the bound of every sub-key in scratch
-        # (by default the combine kernel filters them as it ranks them; ``filter_in_combine``
-        # False in ws_tiles runs the filter kernel first)
         sample = ws_tiles.get("sample", 1)
-        in_combine = ws_tiles.pop("filter_in_combine", True)
         stage = scratch
         if sample > 1:
             stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device=device)
@@ -912,11 +871,8 @@ def product_key_topk_forward(
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
                                                  bound=bound, **ws_tiles)  # fmt: skip
-        LAUNCHED.pop("filter", None)
-        if bound is None or (not in_combine and stop != 1):
-            if bound is not None:
-                LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
-            stage = bound = None  # the combine kernel ranks scratch as it is
+        if bound is not None and stop != 1:
+            LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
             return scores, slots, late, None
     else:
@@ -942,49 +898,25 @@ def product_key_topk_forward(
             q1, q2, keys1, keys2, late, half_s, half_idx, N, H, n_keys, half, n_blocks,
             q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
             keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
-            K=topk, KP=kp, WIDE=wide if stage is None else stage.shape[-1], HALF_P2=half_p2,
-            BLOCK_N=block_n, BLOCK_C=block_c, EVEN=even, IEEE=ieee, num_warps=tiles["num_warps"],
+            K=topk, KP=kp, WIDE=wide, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
+            EVEN=even, IEEE=ieee, num_warps=tiles["num_warps"],
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
+    pair_a, pair_b = _candidate_pairs(topk, device)
     split = tiles["split"] if split is None else split
-    combine(half_s, half_idx, scores, slots, pair_rank, n_keys, save_for_backward, combine_rows,
-            combine_warps, split, later, scratch, late, cap, stage, bound)  # fmt: skip
-    if not save_for_backward:
-        return scores, slots, None, None
-    return scores, slots, half_idx, pair_rank
-
-
-def combine(half_s: torch.Tensor, half_idx: torch.Tensor, scores: torch.Tensor,
-            slots: torch.Tensor, pair_rank: torch.Tensor, n_keys: int, save_for_backward: bool,
-            combine_rows: int, combine_warps: int = 4, split: bool = True, rank: bool = True,
-            scratch: torch.Tensor | None = None, late: torch.Tensor | None = None,
-            cap: int | None = None, stage: torch.Tensor | None = None,
-            bound: torch.Tensor | None = None) -> None:  # fmt: skip
-    """``_combine_kernel`` into scores, slots (N, H, K) and pair_rank (2, N, H, K).
-
-    With ``rank`` it ranks each half's candidates first: scratch (2, H, N, WIDE) int64 ``_raw``
-    candidates, late (2, H, N) their counts (-1: the row's sorted top-K is already in half_s /
-    half_idx (2, N, H, K)), ``cap`` places ranked in one network; with stage (2, H, N,
-    STAGE_WIDE) and bound (2, H, N) the counts are of candidates staged there, and the ones
-    reaching each row's bound are copied to scratch on the way (scratch's contents are then
-    overwritten). Without ``rank`` it combines the halves' top-K in half_s / half_idx."""
-    N, H, topk = scores.shape
-    kp = _next_pow2(topk, 16)
-    cap = max(kp, _next_pow2(cap or 2 * kp))
-    wide = scratch.shape[-1] if rank else cap
-    pair_a, pair_b = _candidate_pairs(topk, scores.device)
-    col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, scores.device)
+    col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
     LAUNCHED["combine"] = _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
         half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
         pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
         SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id, rest_a_ptr=rest_a,
         rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest, SPLIT=split,
         RP=_next_pow2(max(n_rest, kp), 16), scratch_ptr=scratch, late_ptr=late, H=H,
-        RANK=rank, CAP=cap, WIDE=wide, stage_ptr=stage, bound_ptr=bound,
-        FILTER=stage is not None, STAGE_WIDE=wide if stage is None else stage.shape[-1],
-        num_warps=combine_warps,
+        RANK=later, CAP=cap, WIDE=wide, num_warps=combine_warps,
     )  # fmt: skip
+    if not save_for_backward:
+        return scores, slots, None, None
+    return scores, slots, half_idx, pair_rank
 
 
 def half_score_grads(
