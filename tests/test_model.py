@@ -225,3 +225,42 @@ def test_teacher_forced_exact_match_agrees_with_greedy_decoding(tiny_model_dir):
         slow.append(g.stopped_at_eos and g.text == answer)
     assert fast == slow
     assert any(fast), "the tiny model should know some of its training facts"
+
+
+def test_normalised_keys_are_reused_while_the_keys_stay_the_same_and_follow_every_update():
+    from memslot.kernels.reference import rms_normalise
+    from memslot.model.memory import ProductKeyMemory
+
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, layers=(0,))
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(16, 16, cfg, 0)
+    other = ProductKeyMemory(16, 16, cfg, 0)  # other keys, for a load
+    x = torch.randn(1, 5, 16)
+
+    def fresh(keys):  # what every call computed before: both halves normalised now
+        return rms_normalise(keys[:, 0]), rms_normalise(keys[:, 1])
+
+    with torch.no_grad():  # serving: normalised once, then reused
+        first = layer.normalised_keys()
+        assert all(a is b for a, b in zip(first, layer.normalised_keys(), strict=True))
+        for got, want in zip(first, fresh(layer.keys), strict=True):
+            assert torch.equal(got, want)
+        slots, _ = layer.lookup(x)
+        layer.keys.mul_(-1.5)  # an in-place update: a new version of the keys
+        assert not torch.equal(layer.lookup(x)[0], slots)  # halves' signs flipped: other picks
+        for got, want in zip(layer.normalised_keys(), fresh(layer.keys), strict=True):
+            assert torch.equal(got, want)
+    layer.load_state_dict(other.state_dict())  # a load copies in place: a new version again
+    with torch.inference_mode():
+        got = layer.lookup(x)
+        want = other.lookup(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # made under inference_mode, the cached keys still serve a call that builds a graph
+    layer.keys.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    layer.lookup(xg)[1].pow(2).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # training: the keys normalised on every call, differentiably
+    layer.keys.requires_grad_(True)
+    layer.lookup(x)[1].pow(2).sum().backward()
+    assert layer.keys.grad is not None and layer.keys.grad.abs().sum() > 0

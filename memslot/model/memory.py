@@ -69,6 +69,30 @@ class ProductKeyMemory(nn.Module):
         self.query_norm_weight = nn.Parameter(torch.ones(2, half)) if cfg.qk_norm else None
         self.gate = nn.Linear(d_model, value_dim, bias=False)
         self.out = nn.Linear(value_dim, d_model, bias=False)
+        # the sub-keys rms-normalised, for calls no gradient can reach them from (the model is
+        # frozen while it serves and edits): ((address, version, dtype, device), the keys they
+        # came from (held, so that no other tensor takes the address), (k1, k2))
+        self._normed_keys: tuple | None = None
+
+    def normalised_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sets of sub-keys (H, n_keys, k_dim/2), rms-normalised under qk-norm.
+
+        Where a gradient could reach the keys they are normalised on every call; otherwise once
+        per version of the key parameter (an in-place update, a load or a move starts a new one)
+        and reused: the same values, without the normalisation's kernels on every lookup.
+        """
+        keys = self.keys
+        if not self.cfg.qk_norm:
+            return keys[:, 0], keys[:, 1]
+        if torch.is_grad_enabled() and keys.requires_grad:
+            return rms_normalise(keys[:, 0]), rms_normalise(keys[:, 1])
+        stamp = (keys.data_ptr(), keys._version, keys.dtype, keys.device)
+        if self._normed_keys is None or self._normed_keys[0] != stamp:
+            # ordinary tensors even under inference_mode, so later calls can use them anywhere
+            with torch.inference_mode(False), torch.no_grad():
+                normed = (rms_normalise(keys[:, 0]), rms_normalise(keys[:, 1]))
+                self._normed_keys = (stamp, keys.detach(), normed)
+        return self._normed_keys[2]
 
     def lookup(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots and softmax weights read for each token: ((N, H, k) int64, (N, H, k) fp32).
@@ -78,9 +102,7 @@ class ProductKeyMemory(nn.Module):
         cfg = self.cfg
         topk = topk or cfg.topk
         q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
-        keys1, keys2 = self.keys[:, 0], self.keys[:, 1]  # (H, n_keys, k_dim/2) each
-        if cfg.qk_norm:
-            keys1, keys2 = rms_normalise(keys1), rms_normalise(keys2)
+        keys1, keys2 = self.normalised_keys()  # (H, n_keys, k_dim/2) each
         # scores, slots (N, H, k) of q's halves, each rms-normalised by query_norm_weight first
         # (on CUDA by one pass that writes the halves heads-first for the top-k kernel)
         norm_weight = self.query_norm_weight
