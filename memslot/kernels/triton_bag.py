@@ -368,7 +368,10 @@ def embedding_bag_forward_gated(
     return _bag_forward(values, indices, weights, out_dtype, gate.contiguous(), keep_bag)
 
 
-def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False):
+def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False, block_b=None,
+                 num_warps=4):  # fmt: skip
+    """The bag forward's launch; ``block_b`` (rows loaded at a time) and ``num_warps`` choose
+    its tiles (benchmarks sweep them)."""
     N, B = indices.shape
     D = values.shape[1]
     out = torch.empty(N, D, dtype=out_dtype, device=values.device)
@@ -380,14 +383,14 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False)
     if values.stride(1) != 1:
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
-    block_d, block_b = _tiles(D, 8192)
-    block_b = min(block_b, max(16, triton.next_power_of_2(B)))  # tiles at least 16 wide
+    block_d, rows = _tiles(D, 8192)
+    block_b = min(block_b or rows, max(16, triton.next_power_of_2(B)))  # at least 16 wide
     grid = (N, triton.cdiv(D, block_d))
     _bag_forward_kernel[grid](
         values, indices, weights, out, out if gate is None else gate,
         out if bag is None else bag, B, D, values.stride(0),
         BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, KEEP_BAG=bag is not None,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     return out, bag
 
