@@ -369,9 +369,12 @@ def embedding_bag_forward_gated(
 
 
 def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False, block_b=None,
-                 num_warps=4):  # fmt: skip
-    """The bag forward's launch; ``block_b`` (rows loaded at a time) and ``num_warps`` choose
-    its tiles (benchmarks sweep them)."""
+                 num_warps=2):  # fmt: skip
+    """The bag forward's launch; ``block_b`` (rows loaded at a time, by default 8,192 elements'
+    worth, at least 16) and ``num_warps`` choose its tiles. H200, 16,384 bags of 128 rows of
+    1,024 bf16, gated: 16 rows and 2 warps 1.001 / 1.018 ms from a table of 1M / 16M rows
+    against 1.016 / 1.033 with 4 warps (the same bits: the same rows summed in the same order);
+    8 rows 1.003 / 1.020; 16 or 32 rows with 8 warps 1.54-1.63."""
     N, B = indices.shape
     D = values.shape[1]
     out = torch.empty(N, D, dtype=out_dtype, device=values.device)
