@@ -16,7 +16,6 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --bag-backward   # the bag backward's kernels and tiles only
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
     python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
-    python bench/kernels.py --no-bag --filter-tiles '{"programs": 2112}'   # ... other filter tiles
 """
 
 from __future__ import annotations
@@ -856,18 +855,11 @@ def main() -> None:
         default=None,
         help="the warp-specialised top-k's tiles as JSON, e.g. '{\"sample\": 2}'",
     )
-    p.add_argument(
-        "--filter-tiles",
-        type=json.loads,
-        default=None,
-        help="the sampled bound's filter kernel's tiles as JSON, e.g. '{\"programs\": 2112}'",
-    )
     args = p.parse_args()
-    if args.ws_tiles is not None or args.filter_tiles is not None:
+    if args.ws_tiles is not None:
         from memslot.kernels import triton_topk
 
         triton_topk.WS_TILES = args.ws_tiles
-        triton_topk.FILTER_TILES = args.filter_tiles
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         if args.bag_backward:
             bench_bag_backward(args)

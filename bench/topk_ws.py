@@ -140,32 +140,26 @@ def filter_sweep() -> bool:
     late, scratch = staged.clone(), torch.empty_like(want_s)
     copy_ms = bench_ms(lambda: late.copy_(staged))  # each call starts from the staged counts
     ok, rows_out = True, []
-    tiles = [(rows, piece, warps, None) for rows in (1, 2, 4, 8, 16, 32)
+    tiles = [(rows, piece, warps) for rows in (1, 2, 4, 8, 16, 32)
              for piece in (32, 64, 128, 256, 512) for warps in (1, 2, 4)
              if rows * piece <= 32 * 32 * warps]  # at most 32 places a thread  # fmt: skip
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles += [(rows, piece, warps, sms * k) for rows, piece in ((2, 64), (4, 32), (1, 64))
-              for warps in (1, 2) for k in (8, 16, 32, 64)]  # fewer programs, striding  # fmt: skip
-    for rows, piece, warps, programs in tiles:
+    for rows, piece, warps in tiles:
 
-        def run(rows=rows, piece=piece, warps=warps, programs=programs):
+        def run(rows=rows, piece=piece, warps=warps):
             late.copy_(staged)
-            triton_topk.filter_candidates(stage, bound, scratch, late, rows, piece, warps,
-                                          programs)  # fmt: skip
+            triton_topk.filter_candidates(stage, bound, scratch, late, rows, piece, warps)
 
         scratch.fill_(-1)
         run()
         same = torch.equal(late, want_n) and torch.equal(scratch[filled], want_s[filled])
         ok &= same
-        rows_out.append((bench_ms(run) - copy_ms, rows, piece, warps, programs or 0, same))
-    print("| rows | places | warps | programs | ms | same output |")
-    print("|---|---|---|---|---|---|")
+        rows_out.append((bench_ms(run) - copy_ms, rows, piece, warps, same))
+    print("| rows | places | warps | ms | same output |")
+    print("|---|---|---|---|---|")
     ranked = sorted(rows_out)
-    default = (2, 64, 1, 0)  # filter_candidates' own tiles, shown wherever they rank
-    for ms, rows, piece, warps, programs, same in ranked[:12] + [
-        r for r in ranked[12:] if r[1:5] == default
-    ]:
-        print(f"| {rows} | {piece} | {warps} | {programs or 'a group each'} | {ms:.4f} | {same} |")
+    default = (2, 64, 1)  # filter_candidates' own tiles, shown wherever they rank
+    for ms, rows, piece, warps, same in ranked[:10] + [r for r in ranked[10:] if r[1:4] == default]:
+        print(f"| {rows} | {piece} | {warps} | {ms:.4f} | {same} |")
     return ok
 
 

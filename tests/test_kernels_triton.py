@@ -157,8 +157,7 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=4)
 
 
-@pytest.mark.parametrize("programs", [None, 3])  # a program a group of rows, or 3 striding
-def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order(programs):
+def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order():
     # what the Gluon kernel leaves with a sampled bound: (2, H, N) rows of staged candidates
     # (fp32 bits << 32 | sub-key), their counts, and each row's bound from every sub-key
     g = torch.Generator().manual_seed(5)
@@ -174,7 +173,7 @@ def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_or
     stage, count, bound = stage.to(DEVICE), count.to(DEVICE), bound.to(DEVICE)
     scratch = torch.full((*shape, wide), -1, dtype=torch.int64, device=DEVICE)
     late = count.clone()
-    triton_topk.filter_candidates(stage, bound, scratch, late, programs=programs)
+    triton_topk.filter_candidates(stage, bound, scratch, late)
     for r in range(late.numel()):
         c, b = int(count.view(-1)[r]), float(bound.view(-1)[r])
         if c > stage_wide:  # not all staged: the count stays, over wide, for the recheck

@@ -460,16 +460,24 @@ def _recheck_kernel(
 
 
 @triton.jit
-def _filter_rows(stage_ptr, bound_ptr, scratch_ptr, late_ptr, lines, L, STAGE_WIDE: tl.constexpr,
-                 WIDE: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
-    """``_filter_kernel``'s work on the rows ``lines``."""
+def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: tl.constexpr,
+                   WIDE: tl.constexpr, ROWS: tl.constexpr, PIECE: tl.constexpr):  # fmt: skip
+    """Keep, for ROWS rows of L, the staged ``_raw`` candidates that reach the row's bound.
+
+    Row r has late[r] candidates at places 0.. of its STAGE_WIDE in stage; those whose score is
+    at least bound[r] go, in their order, to its first places in scratch (WIDE a row), and
+    late[r] becomes their number. A row with more than STAGE_WIDE (not all were staged) keeps
+    its count; one with more than WIDE keepers stores WIDE of them: both counts pass WIDE, so
+    the recheck ranks their blocks.
+    """
+    lines = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = lines < L
     count = tl.load(late_ptr + lines, mask=ok, other=0)
     bound = tl.load(bound_ptr + lines, mask=ok, other=0.0)
     whole = ok & (count <= STAGE_WIDE)
     src = stage_ptr + lines.to(tl.int64)[:, None] * STAGE_WIDE
     dst = scratch_ptr + lines.to(tl.int64)[:, None] * WIDE
-    kept = tl.zeros_like(count)
+    kept = tl.zeros([ROWS], dtype=tl.int32)
     most = tl.max(tl.where(whole, count, 0), axis=0)
     for start in range(0, most, PIECE):
         place = start + tl.arange(0, PIECE)[None, :]
@@ -484,50 +492,20 @@ def _filter_rows(stage_ptr, bound_ptr, scratch_ptr, late_ptr, lines, L, STAGE_WI
     tl.store(late_ptr + lines, kept, mask=whole)
 
 
-@triton.jit
-def _filter_kernel(stage_ptr, bound_ptr, scratch_ptr, late_ptr, L, STAGE_WIDE: tl.constexpr,
-                   WIDE: tl.constexpr, ROWS: tl.constexpr, PIECE: tl.constexpr,
-                   STRIDED: tl.constexpr = False):  # fmt: skip
-    """Keep, for ROWS rows of L, the staged ``_raw`` candidates that reach the row's bound.
-
-    Row r has late[r] candidates at places 0.. of its STAGE_WIDE in stage; those whose score is
-    at least bound[r] go, in their order, to its first places in scratch (WIDE a row), and
-    late[r] becomes their number. A row with more than STAGE_WIDE (not all were staged) keeps
-    its count; one with more than WIDE keepers stores WIDE of them: both counts pass WIDE, so
-    the recheck ranks their blocks. With STRIDED each program takes every num_programs-th
-    group of ROWS rows (a grid of fewer, longer programs).
-    """
-    if STRIDED:
-        for g in range(tl.program_id(0), tl.cdiv(L, ROWS), tl.num_programs(0)):
-            _filter_rows(stage_ptr, bound_ptr, scratch_ptr, late_ptr,
-                         g * ROWS + tl.arange(0, ROWS), L, STAGE_WIDE, WIDE, PIECE)  # fmt: skip
-    else:
-        _filter_rows(stage_ptr, bound_ptr, scratch_ptr, late_ptr,
-                     tl.program_id(0) * ROWS + tl.arange(0, ROWS), L, STAGE_WIDE, WIDE,
-                     PIECE)  # fmt: skip
-
-
-# the filter kernel's tiles where the caller names none (``filter_candidates``' keyword
-# arguments; a benchmark sets it to compare); None: its defaults
-FILTER_TILES: dict | None = None
-
-
 def filter_candidates(stage: torch.Tensor, bound: torch.Tensor, scratch: torch.Tensor,
                       late: torch.Tensor, rows: int = 2, piece: int = 64,
-                      num_warps: int = 1, programs: int | None = None):  # fmt: skip
+                      num_warps: int = 1):  # fmt: skip
     """``_filter_kernel`` over every row of stage (..., STAGE_WIDE) int64 into scratch
     (..., WIDE) int64, by bound (...) fp32, counts in late (...) int32 (updated in place).
     Tiles: 2 rows of 64 places a program, one warp (H200, the stage of 4,096 sub-keys with pass
     one over a quarter: 0.085 ms against 0.088 for 4 rows of 32, 0.109 for 16 rows of 64 and
-    4 warps; 71 tiles swept, ``bench/topk_ws.py --filter-sweep``); ``programs`` launches that
-    many, each striding over the groups of rows, instead of one a group."""
+    4 warps; 71 tiles swept, ``bench/topk_ws.py --filter-sweep``)."""
     L = late.numel()
     if L == 0:
         return None
-    groups = triton.cdiv(L, rows)
-    return _filter_kernel[(min(programs, groups) if programs else groups,)](
+    return _filter_kernel[(triton.cdiv(L, rows),)](
         stage, bound, scratch, late, L, STAGE_WIDE=stage.shape[-1], WIDE=scratch.shape[-1],
-        ROWS=rows, PIECE=piece, STRIDED=bool(programs), num_warps=num_warps,
+        ROWS=rows, PIECE=piece, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -897,8 +875,7 @@ def product_key_topk_forward(
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
                                                  bound=bound, **ws_tiles)  # fmt: skip
         if bound is not None and stop != 1:
-            LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late,
-                                                   **(FILTER_TILES or {}))  # fmt: skip
+            LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
             return scores, slots, late, None
     else:
