@@ -121,16 +121,23 @@ def profile_kernels(tiles_list: list[dict | None], calls: int = 20) -> None:
             profile(f"the top-k, {n_keys} sub-keys, tiles {tiles}", run, reps=calls)
 
 
+def staged_by(ops, K, sample, wide=128):
+    """What the Gluon kernel alone leaves with pass one over 1 / sample of the chunks: (the
+    staged candidates (2, H, N, wide * sample), their counts, each row's bound)."""
+    H, N = ops[0].shape[1], ops[0].shape[0]
+    stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device="cuda")
+    staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
+    bound = torch.empty(2, H, N, device="cuda")
+    gluon_topk.half_topk_ws(*ops, stage, staged, K, stage.shape[-1], bound=bound,
+                            sample=sample)  # fmt: skip
+    return stage, staged, bound
+
+
 def filter_sweep() -> bool:
     """The filter kernel's tiles (rows, places, warps) on what the Gluon kernel stages at 4,096
     sub-keys with pass one over a quarter; each tile's output checked against the default's."""
     N, H, half, n_keys, K, wide = 16384, 4, 256, 4096, 32, 128
-    q1, q2, k1, k2 = operands(N, H, half, n_keys)
-    stage = torch.empty(2, H, N, wide * 4, dtype=torch.int64, device="cuda")
-    staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
-    bound = torch.empty(2, H, N, device="cuda")
-    gluon_topk.half_topk_ws(q1, q2, k1, k2, stage, staged, K, stage.shape[-1], bound=bound,
-                            sample=4)  # fmt: skip
+    stage, staged, bound = staged_by(operands(N, H, half, n_keys), K, 4, wide)
     want_s = torch.full((2, H, N, wide), -1, dtype=torch.int64, device="cuda")
     want_n = staged.clone()
     triton_topk.filter_candidates(stage, bound, want_s, want_n)
@@ -232,11 +239,7 @@ def main() -> None:
         q1, q2, k1, k2 = operands(N, H, half, n_keys)
         for sample in (1, 2, 4):  # candidates a row pass two stages, then those the filter keeps
             v = dict(sample=sample)
-            stage = torch.empty(2, H, N, 128 * sample, dtype=torch.int64, device="cuda")
-            staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
-            bound = torch.empty(2, H, N, device="cuda")
-            gluon_topk.half_topk_ws(q1, q2, k1, k2, stage, staged, K, stage.shape[-1],
-                                    bound=bound, **v)  # fmt: skip
+            staged = staged_by((q1, q2, k1, k2), K, sample)[1]
             print(f"| {n_keys} | {v}: staged a row: mean {staged.float().mean().item():.1f}, "
                   f"max {staged.max().item()} | | | |", flush=True)  # fmt: skip
             count = triton_topk.product_key_topk_forward(

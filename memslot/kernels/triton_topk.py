@@ -867,10 +867,10 @@ def product_key_topk_forward(
         # with pass one over 1 / sample of the sub-keys, pass two stages about sample times the
         # candidates, and the filter keeps those reaching the bound of every sub-key in scratch
         sample = ws_tiles.get("sample", 1)
-        stage = scratch
+        stage, bound = scratch, None
         if sample > 1:
             stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device=device)
-        bound = None if sample == 1 else torch.empty(2, H, N, dtype=torch.float32, device=device)
+            bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
                                                  bound=bound, **ws_tiles)  # fmt: skip
