@@ -338,11 +338,14 @@ def query_topk_inputs(n, heads, n_keys, half, seed, dtype=torch.float32):
     return q, k1, k2, weight
 
 
+@pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("n,heads,n_keys,half,topk", [(20 * BIG, 2, 40, 8, 5), (6, 1, 5, 3, 1)])
 def test_query_topk_matches_the_reference_with_and_without_qk_norm(
-    n, heads, n_keys, half, topk, norm
+    n, heads, n_keys, half, topk, norm, softmax
 ):
+    # with softmax the combine kernel writes each row's weights and the backward goes through
+    # the softmax first
     q, k1, k2, weight = query_topk_inputs(n, heads, n_keys, half, seed=n + half)
     weight = weight if norm else None
     grad = torch.randn(n, heads, topk, device=DEVICE)
@@ -350,11 +353,15 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
     for fn in (reference.query_topk, triton_topk.query_topk):
         leaves = [t.clone().requires_grad_() for t in (q, k1, k2)]
         w = weight.clone().requires_grad_() if norm else None
-        scores, slots = fn(*leaves, topk, w)
+        scores, slots = fn(*leaves, topk, w, softmax=softmax)
         scores.backward(grad)
         results.append((scores, slots, [t.grad for t in leaves] + ([w.grad] if norm else [])))
     (want_s, want_slots, want_grads), (got_s, got_slots, got_grads) = results
+    assert got_s.dtype == torch.float32
     torch.testing.assert_close(got_s, want_s, atol=1e-5, rtol=1e-5)
+    if softmax:
+        torch.testing.assert_close(got_s.sum(-1), torch.ones(n, heads, device=DEVICE))
+        assert bool((got_s[..., :-1] >= got_s[..., 1:]).all())  # in the scores' order
     assert torch.equal(got_slots.sort(-1).values, want_slots.sort(-1).values)
     for got, want in zip(got_grads, want_grads, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -408,10 +415,12 @@ def test_fused_topk_on_an_empty_batch():
     assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
     q = torch.cat([q1, q2], -1).requires_grad_()
     weight = torch.ones(2, 4, device=DEVICE, requires_grad=True)
-    scores, slots = triton_topk.query_topk(q, k1, k2, 3, weight)
-    assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
-    scores.sum().backward()
-    assert q.grad.shape == (0, 2, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+    for softmax in (False, True):
+        q.grad = weight.grad = None
+        scores, slots = triton_topk.query_topk(q, k1, k2, 3, weight, softmax=softmax)
+        assert scores.shape == (0, 2, 3) and slots.shape == (0, 2, 3)
+        scores.sum().backward()
+        assert q.grad.shape == (0, 2, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 def bag_inputs(n, bag, n_slots, dim, dtype, seed):

@@ -45,10 +45,13 @@ def query_topk(
     keys2: torch.Tensor,
     topk: int,
     norm_weight: torch.Tensor | None = None,
+    softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, slots), each (N, H, topk), of whole queries q (N, H, k_dim), their halves
-    rms-normalised by ``norm_weight`` (2, k_dim/2) when given; see ``reference.query_topk``."""
-    return _pick("query_topk", q)(q, keys1, keys2, topk, norm_weight)
+    rms-normalised by ``norm_weight`` (2, k_dim/2) when given; with ``softmax`` (weights,
+    slots), the weights each row's softmax over its scores in fp32. See
+    ``reference.query_topk``."""
+    return _pick("query_topk", q)(q, keys1, keys2, topk, norm_weight, softmax)
 
 
 def embedding_bag(

@@ -53,17 +53,23 @@ def query_topk(
     keys2: torch.Tensor,
     topk: int,
     norm_weight: torch.Tensor | None = None,
+    softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k slots of whole queries: ``product_key_topk`` of the two halves of q.
 
     q: (N, H, k_dim); keys1, keys2: (H, n_keys, k_dim/2). With ``norm_weight`` (2, k_dim/2), each
-    half is rms-normalised and scaled by its row of it first (the query side of qk-norm).
+    half is rms-normalised and scaled by its row of it first (the query side of qk-norm). With
+    ``softmax`` the first result is each row's softmax over its top-k scores, in fp32 (the
+    memory layer's weights), instead of the scores.
     """
     q1, q2 = q.chunk(2, dim=-1)  # (N, H, k_dim/2) each
     if norm_weight is not None:
         q1 = rms_normalise(q1) * norm_weight[0]
         q2 = rms_normalise(q2) * norm_weight[1]
-    return product_key_topk(q1, q2, keys1, keys2, topk)
+    scores, slots = product_key_topk(q1, q2, keys1, keys2, topk)
+    if softmax:
+        return F.softmax(scores.float(), dim=-1), slots
+    return scores, slots
 
 
 def brute_force_topk(

@@ -607,9 +607,11 @@ def _combine_kernel(
     RANK: tl.constexpr = False,
     CAP: tl.constexpr = 16,
     WIDE: tl.constexpr = 16,
+    SOFTMAX: tl.constexpr = False,
 ):
     """Top-K of the k x k sums for BLOCK_R (token, head) rows, from both halves' sorted top-K
-    (with RANK first ranked here from the half kernel's candidates, ``_ranked_half``).
+    (with RANK first ranked here from the half kernel's candidates, ``_ranked_half``); with
+    SOFTMAX each row's softmax over its K scores is stored instead of the scores.
 
     The sums are never all formed: with both halves in descending order, the pair of half-ranks
     (a, b) is dominated by every (a' <= a, b' <= b), so only the n_pairs pairs with
@@ -674,6 +676,10 @@ def _combine_kernel(
     out_pa = tl.gather(pa, pick, axis=1)
     out_pb = tl.gather(pb, pick, axis=1)
     out_slot = tl.gather(i1, out_pa, axis=1).to(tl.int64) * n_keys + tl.gather(i2, out_pb, axis=1)
+    if SOFTMAX:  # the row's largest score is its first: exp(s - max) / sum, in fp32
+        top = tl.max(tl.where(mask, out_s, _NEG_INF), axis=1)
+        e = tl.where(mask, tl.exp(out_s - tl.where(row_mask, top, 0.0)[:, None]), 0.0)
+        out_s = e / tl.where(row_mask, tl.sum(e, axis=1), 1.0)[:, None]
     tl.store(scores_ptr + off, out_s.to(scores_ptr.dtype.element_ty), mask=mask)
     tl.store(slots_ptr + off, out_slot, mask=mask)
     if SAVE_FOR_BACKWARD:  # (2, N, H, K): which half-rank each pick combined
@@ -797,6 +803,7 @@ def product_key_topk_forward(
     ws: bool | None = None,
     ws_tiles: dict | None = None,
     recheck: bool = False,
+    softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -804,7 +811,8 @@ def product_key_topk_forward(
     key gradient is a product with).
 
     scores (N, H, topk) fp32, descending (one rounding of the fp32 sum, where the reference
-    rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway); slots
+    rounds each half-score to the input dtype: the layer's softmax is in fp32 anyway), or with
+    ``softmax`` each row's softmax over them (the combine kernel has the row); slots
     (N, H, topk) int64. With ``save_for_backward``, half_idx (2, N, H, topk) int32 holds the
     sub-keys each half kept and pair_rank (2, N, H, topk) int32 the half-ranks each pick
     combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
@@ -915,7 +923,7 @@ def product_key_topk_forward(
         SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id, rest_a_ptr=rest_a,
         rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest, SPLIT=split,
         RP=_next_pow2(max(n_rest, kp), 16), scratch_ptr=scratch, late_ptr=late, H=H,
-        RANK=later, CAP=cap, WIDE=wide, num_warps=combine_warps,
+        RANK=later, CAP=cap, WIDE=wide, SOFTMAX=softmax, num_warps=combine_warps,
     )  # fmt: skip
     if not save_for_backward:
         return scores, slots, None, None
@@ -957,17 +965,18 @@ def _score_grads(
     return dq, dk
 
 
-def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None):
-    """The fused forward; returns what ``_backward_of_scores`` needs when a gradient is needed
-    (else None). ``normed`` (2, H, N, half): the query halves heads-first, of which q1 and q2
-    are views; otherwise the kernel writes them there."""
+def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None, softmax=False):
+    """The fused forward (with ``softmax``, the scores turned into weights); returns what
+    ``_backward_of_scores`` needs when a gradient is needed (else None). ``normed``
+    (2, H, N, half): the query halves heads-first, of which q1 and q2 are views; otherwise the
+    kernel writes them there."""
     needs_grad = any(ctx.needs_input_grad)
     N, H, half = q1.shape
     out = None
     if needs_grad and normed is None:
         normed = out = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device)
     scores, slots, half_idx, pair_rank = product_key_topk_forward(
-        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out
+        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out, softmax=softmax
     )
     ctx.mark_non_differentiable(slots)
     ctx.n_keys = keys1.shape[1]
@@ -1010,19 +1019,23 @@ class QueryTopK(torch.autograd.Function):
     the query, the sub-keys and the norm weight."""
 
     @staticmethod
-    def forward(ctx, q, keys1, keys2, norm_weight, topk: int):  # noqa: D102
+    def forward(ctx, q, keys1, keys2, norm_weight, topk: int, softmax: bool = False):  # noqa: D102
         # one pass writes the normalised halves heads-first: the top-k kernel reads each head's
         # rows contiguously and the key gradient is a plain batched product with them
         normed = normalise_query(q, norm_weight)  # (2, H, N, half)
         q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)  # (N, H, half) views
-        scores, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed)
+        out, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed, softmax)
+        ctx.softmax = softmax
         if saved is not None:
-            ctx.save_for_backward(q, norm_weight, *saved)
-        return scores, slots
+            ctx.save_for_backward(q, norm_weight, out if softmax else None, *saved)
+        return out, slots
 
     @staticmethod
-    def backward(ctx, grad_scores, _grad_slots):  # noqa: D102
-        q, norm_weight, *saved = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_slots):  # noqa: D102
+        q, norm_weight, weights, *saved = ctx.saved_tensors
+        grad_scores = grad_out
+        if ctx.softmax:  # through the softmax: w * (g - sum(g * w)) per row
+            grad_scores = weights * (grad_out - (grad_out * weights).sum(-1, keepdim=True))
         need = ctx.needs_input_grad
         need_q = need[0] or need[3]
         dq_normed, dk1, dk2 = _backward_of_scores(
@@ -1031,7 +1044,7 @@ class QueryTopK(torch.autograd.Function):
         dq = dw = None
         if need_q:
             dq, dw = query_grads(dq_normed, q, norm_weight)
-        return dq, dk1, dk2, dw, None
+        return dq, dk1, dk2, dw, None, None
 
 
 @triton.jit
@@ -1175,6 +1188,9 @@ def query_topk(
     keys2: torch.Tensor,
     topk: int,
     norm_weight: torch.Tensor | None = None,
+    softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, slots), each (N, H, topk); the Triton version of ``reference.query_topk``."""
-    return QueryTopK.apply(q, keys1, keys2, norm_weight, topk)
+    """(scores, slots), each (N, H, topk), or with ``softmax`` (weights, slots), the combine
+    kernel turning each row's scores into its softmax; the Triton version of
+    ``reference.query_topk``."""
+    return QueryTopK.apply(q, keys1, keys2, norm_weight, topk, softmax)

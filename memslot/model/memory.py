@@ -103,11 +103,11 @@ class ProductKeyMemory(nn.Module):
         topk = topk or cfg.topk
         q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
         keys1, keys2 = self.normalised_keys()  # (H, n_keys, k_dim/2) each
-        # scores, slots (N, H, k) of q's halves, each rms-normalised by query_norm_weight first
-        # (on CUDA by one pass that writes the halves heads-first for the top-k kernel)
+        # softmax weights (fp32, as the paper prescribes) and slots (N, H, k) of q's halves, each
+        # rms-normalised by query_norm_weight first (on CUDA by one pass that writes the halves
+        # heads-first for the top-k kernel, whose last kernel turns the scores into weights)
         norm_weight = self.query_norm_weight
-        scores, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight)
-        weights = F.softmax(scores.float(), dim=-1)  # (N, H, k), fp32 as the paper prescribes
+        weights, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight, softmax=True)
         return slots, weights
 
     def read(
