@@ -30,7 +30,8 @@ half-ranks (a, b) is dominated by every (a' <= a, b' <= b), so only the pairs
 with (a + 1) * (b + 1) <= k can reach the top k (119 of 1,024 pairs for k = 32). Those
 candidates are gathered from registers; the sums with half-rank 0 on either side are already in
 descending order, so only the other 56 go through a top-k network, and two bitonic merges rank
-the three lists.
+the three lists. For the memory layer it stores each row's softmax over its k scores (its
+weights) instead of the scores, so no kernel of its own runs the softmax.
 
 ``query_topk`` takes whole queries (N, H, k_dim), the strided output of the layer's
 projection: one pass writes both halves heads-first (2, H, N, k_dim/2), rms-normalised by the
