@@ -207,21 +207,14 @@ def _store_candidate(row_ptr, place, score, col, mask):
 
 
 @gluon.jit
-def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr, odd_max=None,
-                 PARITY: gl.constexpr = False):  # fmt: skip
-    """A value that K of each row's group maxima reach (with PARITY those of group_max and
-    odd_max together), by STEPS halvings of [lo, largest maximum]; K of them must reach lo, or
-    lo must be a bound that K scores reach by itself (the smallest maximum, or a bound from
-    fewer chunks: the maxima only grow)."""
+def _raise_bound(group_max, lo, K: gl.constexpr, STEPS: gl.constexpr):
+    """A value that K of each row's group maxima reach, by STEPS halvings of [lo, largest
+    maximum]; K of them must reach lo (the smallest maximum, or a bound from fewer chunks:
+    the maxima only grow)."""
     hi = gl.max(group_max, axis=1)
-    if PARITY:
-        hi = gl.maximum(hi, gl.max(odd_max, axis=1))
     for _ in gl.static_range(STEPS):
         mid = lo + (hi - lo) * 0.5
-        n = gl.sum((group_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1)
-        if PARITY:
-            n += gl.sum((odd_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1)
-        reach = n >= K
+        reach = gl.sum((group_max >= gl.expand_dims(mid, 1)).to(gl.int32), axis=1) >= K
         lo = gl.where(reach, mid, lo)
         hi = gl.where(reach, hi, mid)
     return lo
@@ -268,7 +261,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              OVERLAP: gl.constexpr, PARITY: gl.constexpr):  # fmt: skip
+              OVERLAP: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. In pass one each
     chunk's products are waited for before its result is used. With OVERLAP pass two starts
     each chunk's products before it compacts the chunk before (its first chunk's during the
@@ -297,20 +290,13 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
         for part in gl.static_range(KSPLIT):
             qa = qa + (q_smem.index(C * KSPLIT + part).load(op_layout),)
     group_max = gl.full([ROWS, BLOCK_C], float("-inf"), gl.float32, acc_layout)
-    odd_max = group_max  # with PARITY the odd chunks' group maxima, kept apart in pass one
     for i in range(n_bound):
         stage = i % STAGES
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
         s = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(empty.index(stage), count=1)
-        if PARITY:
-            if i % 2 == 1:
-                odd_max = gl.maximum(odd_max, s)
-            else:
-                group_max = gl.maximum(group_max, s)
-        else:
-            group_max = gl.maximum(group_max, s)
+        group_max = gl.maximum(group_max, s)
 
     # pass two's first products need no bound: with OVERLAP they run during the bisection
     if STOP != 1:
@@ -319,12 +305,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             mbarrier.wait(ready.index(stage), (n_bound // STAGES) & 1)
             acc = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
     # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum
-    if PARITY:  # twice the groups, each over half the chunks: K of them reach a higher value
-        lo = gl.minimum(gl.min(group_max, axis=1), gl.min(odd_max, axis=1))
-        lo = _raise_bound(group_max, lo, K, BISECT, odd_max, True)
-        group_max = gl.maximum(group_max, odd_max)
-    else:
-        lo = _raise_bound(group_max, gl.min(group_max, axis=1), K, BISECT)
+    lo = _raise_bound(group_max, gl.min(group_max, axis=1), K, BISECT)
     bound = gl.expand_dims(lo, 1)
     if STOP == 1:
         gl.store(late_ptr + line, lo.to(gl.int32, bitcast=True), mask=row_mask)
@@ -415,8 +396,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr,
-                         PARITY: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -448,19 +428,19 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -473,11 +453,11 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -490,7 +470,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, PARITY)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -543,8 +523,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 6, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, overlap: bool | None = None,
-                 parity: bool = False):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
@@ -582,9 +561,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if overlap and compact != 1:
         raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
                          "next chunk's products)")  # fmt: skip
-    if parity and n_keys // block_c // sample < 2:
-        raise ValueError("parity needs pass one over at least two chunks (n_keys / block_c / "
-                         f"sample = {n_keys // block_c // sample})")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
@@ -603,8 +579,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, PARITY=parity,
-        num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
