@@ -463,6 +463,37 @@ def test_embedding_bag_forward_matches_the_reference(n, bag, n_slots, dim, dtype
     assert rel_err(out, want) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("order", [False, True])
+@pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
+def test_bag_forward_in_slot_order_matches_the_reference_gated_or_not(n, bag, n_slots, dim,
+                                                                      order):  # fmt: skip
+    values, indices, weights, _ = bag_inputs(n, bag, n_slots, dim, torch.bfloat16, seed=dim + 5)
+    gate = torch.randn(n, dim, generator=torch.Generator().manual_seed(dim)).to(DEVICE)
+    want = reference.embedding_bag_forward(values.double(), indices, weights.double())
+    out, bag_out = triton_bag._bag_forward(values, indices, weights, torch.float32, gate,
+                                           keep_bag=True, order=order)  # fmt: skip
+    assert rel_err(bag_out, want) < TOLERANCE[torch.float32]
+    assert rel_err(out, reference.silu_gated(gate, want, torch.float32)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("n,bag", [(0, 4), (3, 0), (7, 1), (5 * BIG, 5), (9, 65), (2, 128)])
+def test_order_bags_puts_each_bags_pairs_in_slot_order(n, bag):
+    g = torch.Generator().manual_seed(n + bag)
+    indices = torch.randint(0, 9, (n, bag), generator=g)  # many repeats inside a bag
+    weights = torch.rand(n, bag, generator=g)
+    slots, ordered = triton_bag.order_bags(indices.to(DEVICE), weights.to(DEVICE))
+    want_slots, place = torch.sort(indices, dim=1, stable=True)  # equal slots in bag order
+    assert slots.dtype == torch.int32 and slots.shape == (n, bag)
+    assert torch.equal(slots.cpu().long(), want_slots)
+    assert torch.equal(ordered.cpu(), torch.gather(weights, 1, place))
+
+
+def test_the_bag_forward_orders_bags_where_rows_repeat_across_them():
+    assert triton_bag.orders_bags(2 * 2**20, 2**20)  # the benchmark at 1M slots
+    assert not triton_bag.orders_bags(2 * 2**20, 2**24)  # ... at 16M: few repeats
+    assert not triton_bag.orders_bags(10, 0) and not triton_bag.orders_bags(2**32, 2**31)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
 def test_embedding_bag_backward_matches_the_reference(n, bag, n_slots, dim, dtype):
