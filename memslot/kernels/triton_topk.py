@@ -427,16 +427,29 @@ def _recheck_kernel(
     stride_k2h, stride_k2k,
     K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr,
+    TURNS: tl.constexpr = 1,
 ):  # fmt: skip
     """After a half kernel that left each row's candidate count in late (2, H, N) (-1: ranked
     by it): the blocks of BLOCK_N rows with a row out of [K, WIDE] (fewer candidates than K, or
     more than its scratch places: ties at the bound) are ranked here by the exact top-k network
     over every chunk, and their rows marked -1 in late. A few programs stride over all
-    2 x H x n_blocks blocks: in the common case each only reads the counts."""
+    2 x H x n_blocks blocks, at most TURNS each: in the common case each reads the counts of
+    all its blocks by one load and is done."""
     kcol = tl.arange(0, KP)
     ccol = tl.arange(0, BLOCK_C)
     d = tl.arange(0, HALF_P2)
-    for t in range(tl.program_id(0), 2 * H * n_blocks, tl.num_programs(0)):
+    n_all = 2 * H * n_blocks
+    # every count of the program's blocks at once: (TURNS, BLOCK_N), a block a row
+    mine = tl.program_id(0) + tl.arange(0, TURNS) * tl.num_programs(0)
+    at = (mine // n_blocks)[:, None] * N + (mine % n_blocks)[:, None] * BLOCK_N + tl.arange(
+        0, BLOCK_N)[None, :]  # fmt: skip
+    ok = (mine < n_all)[:, None] & ((mine % n_blocks)[:, None] * BLOCK_N
+                                   + tl.arange(0, BLOCK_N)[None, :] < N)  # fmt: skip
+    counts = tl.load(late_ptr + at, mask=ok, other=K)
+    outside = (tl.min(counts, axis=1) < K) | (tl.max(counts, axis=1) > WIDE)  # (TURNS,)
+    if tl.max(outside.to(tl.int32), axis=0) == 0:
+        return
+    for t in range(tl.program_id(0), n_all, tl.num_programs(0)):
         which = t // (H * n_blocks)
         h = (t // n_blocks) % H
         rows = (t % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -907,12 +920,16 @@ def product_key_topk_forward(
         n_blocks = triton.cdiv(N, block_n)
         programs = 4 if not q1.is_cuda else 2 * torch.cuda.get_device_properties(
             device).multi_processor_count  # fmt: skip
-        LAUNCHED["recheck"] = _recheck_kernel[(min(2 * H * n_blocks, programs),)](
+        # at most 64 blocks a program, so that each reads all its counts by one load
+        programs = min(2 * H * n_blocks, max(programs, triton.cdiv(2 * H * n_blocks, 64)))
+        LAUNCHED["recheck"] = _recheck_kernel[(programs,)](
             q1, q2, keys1, keys2, late, half_s, half_idx, N, H, n_keys, half, n_blocks,
             q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1),
             keys1.stride(0), keys1.stride(1), keys2.stride(0), keys2.stride(1),
             K=topk, KP=kp, WIDE=wide, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
-            EVEN=even, IEEE=ieee, num_warps=tiles["num_warps"],
+            EVEN=even, IEEE=ieee,
+            TURNS=_next_pow2(triton.cdiv(2 * H * n_blocks, programs), 1),
+            num_warps=tiles["num_warps"],
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
