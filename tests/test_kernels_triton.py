@@ -463,7 +463,7 @@ def test_embedding_bag_forward_matches_the_reference(n, bag, n_slots, dim, dtype
     assert rel_err(out, want) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("order", [False, True, "kernel"])  # in the bag kernel or before
+@pytest.mark.parametrize("order", [False, True])
 @pytest.mark.parametrize("n,bag,n_slots,dim", BAG_CASES)
 def test_bag_forward_in_slot_order_matches_the_reference_gated_or_not(n, bag, n_slots, dim,
                                                                       order):  # fmt: skip

@@ -33,18 +33,6 @@ from memslot.kernels import reference
 
 
 @triton.jit
-def _bag_tile(acc, values_ptr, weights_ptr, n, B, idx, b, b_mask, d, d_mask, stride_v):
-    """acc + the weighted sum of the rows idx (BLOCK_B,) at bag places b of token n."""
-    w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
-    rows = tl.load(
-        values_ptr + idx[:, None] * stride_v + d[None, :],
-        mask=b_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
-    return acc + tl.sum(rows * w[:, None], axis=0)
-
-
-@triton.jit
 def _bag_forward_kernel(
     values_ptr,
     indices_ptr,
@@ -59,34 +47,24 @@ def _bag_forward_kernel(
     BLOCK_D: tl.constexpr,
     GATE: tl.constexpr,
     KEEP_BAG: tl.constexpr,
-    ORDER: tl.constexpr = False,
-    BP: tl.constexpr = 16,
 ):
     """out[n] = the bag of token n, or with GATE silu(gate[n]) * the bag (in fp32, rounded once);
-    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient). With ORDER the
-    bag's rows are read in ascending slot order (equal slots in bag order): one sort of its
-    (slot << 32 | place) keys (B <= BP), then BLOCK_B of them a tile."""
+    with KEEP_BAG the ungated bag goes to bag[n] too (for the gate's gradient)."""
     n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    if ORDER:
-        every = tl.arange(0, BP)
-        slots = tl.load(indices_ptr + n * B + every, mask=every < B, other=0).to(tl.int64)
-        keys = tl.where(every < B, (slots << 32) | every.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
-        keys = tl.sort(keys, dim=0)  # pads (place 2**32 - 1) last
-        for t in tl.static_range(BP // BLOCK_B):
-            k = tl.gather(keys, t * BLOCK_B + tl.arange(0, BLOCK_B), 0)
-            b = k & 0xFFFFFFFF
-            acc = _bag_tile(acc, values_ptr, weights_ptr, n, B, k >> 32, b, b < B, d, d_mask,
-                            stride_v)  # fmt: skip
-    else:
-        for b0 in range(0, B, BLOCK_B):
-            b = b0 + tl.arange(0, BLOCK_B)
-            b_mask = b < B
-            idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
-            acc = _bag_tile(acc, values_ptr, weights_ptr, n, B, idx, b, b_mask, d, d_mask,
-                            stride_v)  # fmt: skip
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_mask = b < B
+        idx = tl.load(indices_ptr + n * B + b, mask=b_mask, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + n * B + b, mask=b_mask, other=0.0).to(tl.float32)
+        rows = tl.load(
+            values_ptr + idx[:, None] * stride_v + d[None, :],
+            mask=b_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+        acc += tl.sum(rows * w[:, None], axis=0)
     if GATE:
         if KEEP_BAG:
             tl.store(bag_ptr + n * D + d, acc.to(bag_ptr.dtype.element_ty), mask=d_mask)
@@ -393,8 +371,6 @@ def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
 # It pays where rows repeat across bags: the forward orders the bags when they read at least
 # this many rows per row of the table.
 ORDER_BAGS_FROM = 0.5
-# the forward kernel sorts a bag of at most this many rows itself (its keys in registers)
-ORDER_MOST = 1024
 
 
 def orders_bags(n_lookups: int, n_rows: int) -> bool:
@@ -462,11 +438,8 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False,
     if values.stride(1) != 1:
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
-    if order is None:
-        order = orders_bags(N * B, values.shape[0])
-    if order == "kernel":  # by a kernel of its own first (for the benchmark's comparison)
+    if orders_bags(N * B, values.shape[0]) if order is None else order:
         indices, weights = order_bags(indices, weights)
-    in_kernel = order is True and B <= ORDER_MOST
     block_d, rows = _tiles(D, 8192)
     block_b = min(block_b or rows, max(16, triton.next_power_of_2(B)))  # at least 16 wide
     grid = (N, triton.cdiv(D, block_d))
@@ -474,7 +447,7 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False,
         values, indices, weights, out, out if gate is None else gate,
         out if bag is None else bag, B, D, values.stride(0),
         BLOCK_B=block_b, BLOCK_D=block_d, GATE=gate is not None, KEEP_BAG=bag is not None,
-        ORDER=in_kernel, BP=max(16, triton.next_power_of_2(B)), num_warps=num_warps,
+        num_warps=num_warps,
     )  # fmt: skip
     return out, bag
 
