@@ -75,19 +75,24 @@ def _bag_forward_kernel(
 
 @triton.jit
 def _order_bags_kernel(indices_ptr, weights_ptr, slots_ptr, ordered_w_ptr, N, B,
-                       ROWS: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+                       ROWS: tl.constexpr, BP: tl.constexpr, SHIFT: tl.constexpr):  # fmt: skip
     """ROWS bags' (slot, weight) pairs in ascending slot order (equal slots in their order in
-    the bag): one sort of (slot << 32 | place) keys a bag, the weights gathered by place."""
+    the bag): one sort of (slot << SHIFT | place) keys a bag, the weights gathered by place.
+    The keys are int32 where SHIFT (log2 BP) leaves room for the slots, else int64."""
     n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b = tl.arange(0, BP)
     ok = (n[:, None] < N) & (b[None, :] < B)
     at = n.to(tl.int64)[:, None] * B + b[None, :]
-    idx = tl.load(indices_ptr + at, mask=ok, other=0).to(tl.int64)
-    key = tl.where(ok, (idx << 32) | b[None, :].to(tl.int64), 0x7FFFFFFFFFFFFFFF)  # pads last
+    idx = tl.load(indices_ptr + at, mask=ok, other=0)
+    if SHIFT < 32:  # int32 keys, pads (place BP - 1 or more) last
+        key = tl.where(ok, (idx.to(tl.int32) << SHIFT) | b[None, :], 0x7FFFFFFF)
+    else:
+        key = tl.where(ok, (idx.to(tl.int64) << 32) | b[None, :].to(tl.int64),
+                       0x7FFFFFFFFFFFFFFF)  # fmt: skip
     key = tl.sort(key, dim=1)
-    place = (key & 0xFFFFFFFF).to(tl.int64)
+    place = key & ((1 << SHIFT) - 1)
     w = tl.load(weights_ptr + n.to(tl.int64)[:, None] * B + place, mask=ok, other=0.0)
-    tl.store(slots_ptr + at, (key >> 32).to(tl.int32), mask=ok)
+    tl.store(slots_ptr + at, (key >> SHIFT).to(tl.int32), mask=ok)
     tl.store(ordered_w_ptr + at, w, mask=ok)
 
 
@@ -378,19 +383,28 @@ def orders_bags(n_lookups: int, n_rows: int) -> bool:
     return 0 < n_rows < 2**31 and n_lookups >= ORDER_BAGS_FROM * n_rows
 
 
-def order_bags(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def order_bags(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    n_rows: int = 2**31,
+    elements: int = 1024,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots int32, weights), each (N, B): every bag's pairs in ascending slot order, equal
-    slots in their order in the bag. Slots must be below 2**31."""
+    slots in their order in the bag. Slots must be below n_rows, at most 2**31: sorted as int32
+    keys where n_rows * (B rounded up to a power of two) fits in 31 bits, else as int64. A
+    program sorts ``elements`` keys' worth of bags (at least one) with ``num_warps`` warps."""
     N, B = indices.shape
     slots = torch.empty(N, B, dtype=torch.int32, device=indices.device)
     ordered = torch.empty_like(weights)
     if N == 0 or B == 0:
         return slots, ordered
     bp = max(16, triton.next_power_of_2(B))
-    rows = max(1, 1024 // bp)
+    shift = bp.bit_length() - 1
+    rows = max(1, elements // bp)
     _order_bags_kernel[(triton.cdiv(N, rows),)](
         indices.contiguous(), weights.contiguous(), slots, ordered, N, B, ROWS=rows, BP=bp,
-        num_warps=4,
+        SHIFT=shift if n_rows << shift < 2**31 else 32, num_warps=4,
     )  # fmt: skip
     return slots, ordered
 
@@ -439,7 +453,7 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False,
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
     if orders_bags(N * B, values.shape[0]) if order is None else order:
-        indices, weights = order_bags(indices, weights)
+        indices, weights = order_bags(indices, weights, values.shape[0])
     block_d, rows = _tiles(D, 8192)
     block_b = min(block_b or rows, max(16, triton.next_power_of_2(B)))  # at least 16 wide
     grid = (N, triton.cdiv(D, block_d))
