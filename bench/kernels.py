@@ -377,7 +377,7 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
         )
         for o in (False, True)
     )
-    ms_order = bench_ms(lambda: triton_bag.order_bags(indices, weights))
+    ms_order = bench_ms(lambda: triton_bag.order_bags(indices, weights, S))
     row(
         "  forward, each bag's rows in slot order",
         ms_in_order,
