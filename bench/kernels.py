@@ -16,6 +16,7 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --bag-backward   # the bag backward's kernels and tiles only
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
     python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
+    python bench/kernels.py --no-bag --n-keys 1024 --no-bag-order   # bags read as given
 """
 
 from __future__ import annotations
@@ -866,12 +867,21 @@ def main() -> None:
         help="only the bag forward from small to large tables",
     )
     p.add_argument(
+        "--no-bag-order",
+        action="store_true",
+        help="the bag forward reads each bag's rows as given, never in slot order",
+    )
+    p.add_argument(
         "--ws-tiles",
         type=json.loads,
         default=None,
         help="the warp-specialised top-k's tiles as JSON, e.g. '{\"sample\": 2}'",
     )
     args = p.parse_args()
+    if args.no_bag_order:
+        from memslot.kernels import triton_bag
+
+        triton_bag.ORDER_BAGS_FROM = float("inf")
     if args.ws_tiles is not None:
         from memslot.kernels import triton_topk
 
