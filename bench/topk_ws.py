@@ -97,15 +97,10 @@ def compare(tiles_list: list[dict], rounds: int = 3) -> bool:
                             *ops, K, stop=stop, ws=True, ws_tiles=t)))  # fmt: skip
         for i, t in enumerate(tiles):
             cells = [" / ".join(f"{ms:.3f}" for ms in times[i][stop]) for stop in (0, 1)]
-            staged = "-"
-            if t.get("sample", 1) > 1:  # candidates a row pass two stages, mean and most
-                n = staged_by(ops, K, t["sample"], raise_at=t.get("raise_at", 0))[1]
-                staged = f"{n.float().mean().item():.1f} / {n.max().item()}"
-            rows.append(f"| {n_keys} | {t or 'plain tiles'} | " + " | ".join(cells)
-                        + f" | {staged} |")  # fmt: skip
+            rows.append(f"| {n_keys} | {t or 'plain tiles'} | " + " | ".join(cells) + " |")
     print(f"checks: {'all same' if ok else 'DIFFER'}")
-    print("| sub-keys | tiles | whole top-k ms (in turns) | pass one ms | staged a row |")
-    print("|---|---|---|---|---|")
+    print("| sub-keys | tiles | whole top-k ms (in turns) | pass one ms |")
+    print("|---|---|---|---|")
     print("\n".join(rows), flush=True)
     return ok
 
@@ -126,17 +121,15 @@ def profile_kernels(tiles_list: list[dict | None], calls: int = 20) -> None:
             profile(f"the top-k, {n_keys} sub-keys, tiles {tiles}", run, reps=calls)
 
 
-def staged_by(ops, K, sample, wide=128, raise_at=0):
-    """What the Gluon kernel alone leaves with pass one over 1 / sample of the chunks (the
-    bound raised along pass two with raise_at): (the staged candidates (2, H, N,
-    ``stage_places``), their counts, each row's bound)."""
+def staged_by(ops, K, sample, wide=128):
+    """What the Gluon kernel alone leaves with pass one over 1 / sample of the chunks: (the
+    staged candidates (2, H, N, wide * sample), their counts, each row's bound)."""
     H, N = ops[0].shape[1], ops[0].shape[0]
-    places = gluon_topk.stage_places(wide, sample, raise_at)
-    stage = torch.empty(2, H, N, places, dtype=torch.int64, device="cuda")
+    stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device="cuda")
     staged = torch.empty(2, H, N, dtype=torch.int32, device="cuda")
     bound = torch.empty(2, H, N, device="cuda")
     gluon_topk.half_topk_ws(*ops, stage, staged, K, stage.shape[-1], bound=bound,
-                            sample=sample, raise_at=raise_at)  # fmt: skip
+                            sample=sample)  # fmt: skip
     return stage, staged, bound
 
 

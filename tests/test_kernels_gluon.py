@@ -63,7 +63,7 @@ def compile_report(half: int, tiles: dict) -> dict:
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
         LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"], RAISE=t["raise_at"],
+        COMPACT=t["compact"], SAMPLE=t["sample"],
         OVERLAP=gluon_topk.overlap_by_default(t["compact"], t["consumers"])
         if t["overlap"] is None else t["overlap"],
     )  # fmt: skip
@@ -128,7 +128,6 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (256, dict(compact=0)),  # places by a product with the triangle
         (256, dict(sample=2)),  # pass one over half the sub-keys, the candidates filtered
         (256, dict(sample=4)),  # ... a quarter
-        (256, dict(sample=8, raise_at=4)),  # ... an eighth, the bound raised along pass two
         (256, dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)),
         (256, dict(overlap=False)),  # each chunk's products waited for before the next's
         (256, dict(sample=4, overlap=False)),

@@ -149,10 +149,6 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     k1, k2 = (torch.randn(2, 128, 64, device=DEVICE) for _ in range(2))  # two chunks
     with pytest.raises(ValueError, match="sample > 1 needs bound"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=2)
-    for raise_at, sample in ((-1, 2), (2, 1)):  # raises only a sampled bound
-        with pytest.raises(ValueError, match="raise_at must be 0, or positive with sample > 1"):
-            gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample,
-                                    raise_at=raise_at)  # fmt: skip
     with pytest.raises(ValueError, match="overlap needs compact 1"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, overlap=True, compact=0)
     with pytest.raises(ValueError, match="consumers must be 1, 2 or 4"):
@@ -215,10 +211,6 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
-        # ... an eighth or a quarter, the bound raised along pass two (after its 1st, 2nd, 4th...
-        # or 4th, 8th... chunk): fewer staged
-        dict(compact=1, sample=8, raise_at=1),
-        dict(compact=1, sample=4, raise_at=4),
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
         # each chunk's products waited for before the next's start, the bound by 12 halvings
         dict(compact=1, sample=1, overlap=False, bisect=12),

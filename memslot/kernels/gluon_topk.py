@@ -233,11 +233,10 @@ def _moved(s):
 def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok, cols, tri_smem,
          zero, op_layout: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
          BLOCK_C: gl.constexpr, BISECT: gl.constexpr, COMPACT: gl.constexpr,
-         SAMPLE: gl.constexpr, RAISE: gl.constexpr):  # fmt: skip
+         SAMPLE: gl.constexpr):  # fmt: skip
     """Pass two's work on chunk j's scores s (the i-th chunk it reads): store the kept ones;
     with SAMPLE > 1 add the chunks pass one skipped to the group maxima and raise the bound at
-    their end, and with RAISE > 0 also after the RAISE-th of them, the 2 RAISE-th, the
-    4 RAISE-th... (count, group_max, lo, bound) after it."""
+    their end. (count, group_max, lo, bound) after it."""
     c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
     if COMPACT == 0:
         keep = s >= bound
@@ -250,12 +249,7 @@ def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok
     if SAMPLE > 1:
         if i < n_rest:
             group_max = gl.maximum(group_max, s)
-            n = i + 1
-            now = n == n_rest
-            if RAISE > 0:
-                m = n // RAISE
-                now = now | ((n % RAISE == 0) & ((m & (m - 1)) == 0))
-            if now:
+            if i + 1 == n_rest:
                 lo = _raise_bound(group_max, lo, K, BISECT)
                 bound = gl.expand_dims(lo, 1)
     return count, group_max, lo, bound
@@ -267,7 +261,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              OVERLAP: gl.constexpr, RAISE: gl.constexpr):  # fmt: skip
+              OVERLAP: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. In pass one each
     chunk's products are waited for before its result is used. With OVERLAP pass two starts
     each chunk's products before it compacts the chunk before (its first chunk's during the
@@ -338,14 +332,14 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
                                                bound, row_ptr, row_ok, cols, tri_smem, zero,
                                                op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
-                                               SAMPLE, RAISE)  # fmt: skip
+                                               SAMPLE)  # fmt: skip
         j = n_bound + n_chunks - 1
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(j % STAGES), count=1)
         count, group_max, lo, bound = _two(s, n_chunks - 1, j, n_chunks, n_rest, count,
                                            group_max, lo, bound, row_ptr, row_ok, cols,
                                            tri_smem, zero, op_layout, K, WIDE, BLOCK_C, BISECT,
-                                           COMPACT, SAMPLE, RAISE)  # fmt: skip
+                                           COMPACT, SAMPLE)  # fmt: skip
     else:
         for i in range(n_chunks):
             j = n_bound + i
@@ -357,7 +351,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
                                                bound, row_ptr, row_ok, cols, tri_smem, zero,
                                                op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
-                                               SAMPLE, RAISE)  # fmt: skip
+                                               SAMPLE)  # fmt: skip
     if SAMPLE > 1:  # for ``triton_topk._filter_kernel``: it keeps the staged ones reaching it
         gl.store(bound_ptr + line, lo, mask=row_mask)
     gl.store(late_ptr + line, count, mask=row_mask)
@@ -402,8 +396,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr,
-                         RAISE: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -435,19 +428,19 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -460,11 +453,11 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -477,7 +470,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, RAISE)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -511,15 +504,6 @@ def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
     )
 
 
-def stage_places(wide: int, sample: int, raise_at: int = 0) -> int:
-    """Places a row of scratch needs for ``half_topk_ws`` with these tiles, for rows of at
-    most wide candidates: sample times wide with pass one over 1 / sample of the chunks, at
-    most 4 times with the bound raised along pass two (on random keys at 4,096 sub-keys, 248 at
-    most of 4,000 rows with pass one over a sixteenth). A row past them is ranked by the
-    recheck, exactly."""
-    return wide * (sample if raise_at == 0 else min(sample, 4))
-
-
 @functools.lru_cache(maxsize=8)
 def _layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, SPLIT_], gl.bfloat16)
@@ -539,17 +523,12 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 6, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, overlap: bool | None = None,
-                 raise_at: int = 0):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
     places), and bound (2, H, N) fp32 receives each row's bound from every chunk's group
-    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it. With
-    raise_at r > 0 pass two also raises the sampled bound from the group maxima so far after
-    the r-th, 2r-th, 4r-th... chunk pass one skipped, so that fewer are staged (on random keys
-    at 4,096 sub-keys with pass one over a quarter, r = 4: about 83 a row against 146);
-    ``stage_places`` says how many places scratch needs a row.
+    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
@@ -582,9 +561,6 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     if overlap and compact != 1:
         raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
                          "next chunk's products)")  # fmt: skip
-    if raise_at < 0 or (raise_at > 0 and sample == 1):
-        raise ValueError(f"raise_at must be 0, or positive with sample > 1 (the bound it raises "
-                         f"is the sampled one), got {raise_at} with sample {sample}")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = q1.as_strided((2 * H * N, half), (half, 1))  # the (2, H, N, half) base, flat
@@ -603,8 +579,7 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap,
-        RAISE=raise_at, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip

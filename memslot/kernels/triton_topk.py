@@ -891,8 +891,7 @@ def product_key_topk_forward(
         sample = ws_tiles.get("sample", 1)
         stage, bound = scratch, None
         if sample > 1:
-            places = gluon_topk.stage_places(wide, sample, ws_tiles.get("raise_at", 0))
-            stage = torch.empty(2, H, N, places, dtype=torch.int64, device=device)
+            stage = torch.empty(2, H, N, wide * sample, dtype=torch.int64, device=device)
             bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
