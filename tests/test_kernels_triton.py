@@ -468,15 +468,17 @@ def test_bag_forward_in_slot_order_matches_the_reference_gated_or_not(n, bag, n_
     assert rel_err(out, reference.silu_gated(gate, want, torch.float32)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("tiles", [(1024, 4), (128, 1)])  # keys and warps a program
 @pytest.mark.parametrize("n_rows", [9, 2**31])  # int32 keys, int64 keys
 @pytest.mark.parametrize("n,bag", [(0, 4), (3, 0), (7, 1), (5 * BIG, 5), (9, 65), (2, 128)])
-def test_order_bags_puts_each_bags_pairs_in_slot_order(n, bag, n_rows):
+def test_order_bags_puts_each_bags_pairs_in_slot_order(n, bag, n_rows, tiles):
     g = torch.Generator().manual_seed(n + bag)
     indices = torch.randint(0, 9, (n, bag), generator=g)  # many repeats inside a bag
     if n and bag and n_rows > 9:
         indices[0, 0] = n_rows - 1  # the largest slot there can be
     weights = torch.rand(n, bag, generator=g)
-    slots, ordered = triton_bag.order_bags(indices.to(DEVICE), weights.to(DEVICE), n_rows)
+    slots, ordered = triton_bag.order_bags(indices.to(DEVICE), weights.to(DEVICE), n_rows,
+                                           *tiles)  # fmt: skip
     want_slots, place = torch.sort(indices, dim=1, stable=True)  # equal slots in bag order
     assert slots.dtype == torch.int32 and slots.shape == (n, bag)
     assert torch.equal(slots.cpu().long(), want_slots)
