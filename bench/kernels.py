@@ -371,7 +371,7 @@ def bench_bag(n_slots, N, B, D, dev, dt, copy_tbs, sweep) -> None:
         f"{tbs / copy_tbs:.0%} of copy; reference {ref_ms:.3f} ms; target >= 95%",
     )
     # each bag's rows read in slot order (the default where rows repeat across bags) or as given
-    ordered = triton_bag.orders_bags(N * B, S)
+    ordered = triton_bag.orders_bags(N * B, S, D * values.element_size())
     ms_as_given, ms_in_order = (
         bench_ms(
             lambda o=o: triton_bag._bag_forward(values, indices, weights, torch.float32, order=o)

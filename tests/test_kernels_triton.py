@@ -486,9 +486,12 @@ def test_order_bags_puts_each_bags_pairs_in_slot_order(n, bag, n_rows, tiles):
 
 
 def test_the_bag_forward_orders_bags_where_rows_repeat_across_them():
-    assert triton_bag.orders_bags(2 * 2**20, 2**20)  # the benchmark at 1M slots
-    assert not triton_bag.orders_bags(2 * 2**20, 2**24)  # ... at 16M: few repeats
-    assert not triton_bag.orders_bags(10, 0) and not triton_bag.orders_bags(2**32, 2**31)
+    row = 1024 * 2  # bf16 rows of the benchmark's model dim
+    assert triton_bag.orders_bags(2 * 2**20, 2**20, row)  # the benchmark at 1M slots
+    assert not triton_bag.orders_bags(2 * 2**20, 2**24, row)  # ... at 16M: few repeats
+    assert not triton_bag.orders_bags(2**16, 2**14, row)  # a 32 MiB table: L2 holds most of it
+    assert not triton_bag.orders_bags(10, 0, row)
+    assert not triton_bag.orders_bags(2**32, 2**31, row)  # slots past int32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

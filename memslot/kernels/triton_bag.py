@@ -4,7 +4,8 @@ Forward: one program per (token, block of the value dim) walks the token's bag (
 rows) in tiles of BLOCK_B rows, so each program has BLOCK_B independent row loads in flight, and
 accumulates in fp32. Any table dtype (fp32, fp16, bf16) and any value dim (masked tails). The
 memory layer's gate can be applied there too: silu(gate) * the bag, rounded once. Where rows
-repeat across bags (a batch that reads about as many rows as the table holds), each bag's pairs
+repeat across bags (a batch that reads about as many rows as the table holds, from a table well
+past L2), each bag's pairs
 are first put in slot order by one small sort kernel, so that the bags running at once read
 nearby rows and more of the repeats are L2 hits (``order_bags``).
 
@@ -375,13 +376,21 @@ def _tiles(D: int, elem_budget: int) -> tuple[int, int]:
 # 1,024 bf16 from a table of 1M rows: 1.407 ms with the order kernel (0.024 of it) against 1.472
 # as given, the memory layer's forward 2.047 against 2.092; from 16M rows, bags sorted
 # beforehand read in 1.426 ms against 1.432: few rows repeat there. So the forward orders the
-# bags where they read at least this many rows per row of the table.
+# bags where they read at least this many rows per row of the table,
 ORDER_BAGS_FROM = 0.5
+# and only from a table several times larger than an L2 (50 MB on an H100 or H200): a smaller
+# one is read from L2 in any order, and the sort would be a kernel for nothing.
+ORDER_TABLE_BYTES = 256 * 2**20
 
 
-def orders_bags(n_lookups: int, n_rows: int) -> bool:
-    """Whether the bag forward reads each bag's rows in slot order (``ORDER_BAGS_FROM``)."""
-    return 0 < n_rows < 2**31 and n_lookups >= ORDER_BAGS_FROM * n_rows
+def orders_bags(n_lookups: int, n_rows: int, row_bytes: int) -> bool:
+    """Whether the bag forward reads each bag's rows in slot order (``ORDER_BAGS_FROM``,
+    ``ORDER_TABLE_BYTES``)."""
+    return (
+        0 < n_rows < 2**31
+        and n_rows * row_bytes >= ORDER_TABLE_BYTES
+        and n_lookups >= ORDER_BAGS_FROM * n_rows
+    )
 
 
 def order_bags(
@@ -456,7 +465,7 @@ def _bag_forward(values, indices, weights, out_dtype, gate=None, keep_bag=False,
         values = values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
     if order is None:
-        order = orders_bags(N * B, values.shape[0])
+        order = orders_bags(N * B, values.shape[0], D * values.element_size())
     if order and values.shape[0] <= 2**31:  # the ordered slots are int32
         indices, weights = order_bags(indices, weights, values.shape[0])
     block_d, rows = _tiles(D, 8192)
