@@ -5,9 +5,8 @@ rows) in tiles of BLOCK_B rows, so each program has BLOCK_B independent row load
 accumulates in fp32. Any table dtype (fp32, fp16, bf16) and any value dim (masked tails). The
 memory layer's gate can be applied there too: silu(gate) * the bag, rounded once. Where rows
 repeat across bags (a batch that reads about as many rows as the table holds, from a table well
-past L2), each bag's pairs
-are first put in slot order by one small sort kernel, so that the bags running at once read
-nearby rows and more of the repeats are L2 hits (``order_bags``).
+past L2), each bag's pairs are first put in slot order by one small sort kernel, so that the
+bags running at once read nearby rows and more of the repeats are L2 hits (``order_bags``).
 
 Backward:
 * weights: grad_w[n, b] = <values[indices[n, b]], grad_out[n]>, one program per (token, tile
