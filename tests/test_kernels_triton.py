@@ -485,6 +485,17 @@ def test_order_bags_puts_each_bags_pairs_in_slot_order(n, bag, n_rows, tiles):
     assert torch.equal(ordered.cpu(), torch.gather(weights, 1, place))
 
 
+def test_order_bags_takes_strided_slots_and_weights():
+    g = torch.Generator().manual_seed(4)
+    indices = torch.randint(0, 50, (6, 5), generator=g)
+    weights = torch.rand(5, 6, generator=g).t()  # (6, 5), a transposed view
+    slots, ordered = triton_bag.order_bags(indices.t().contiguous().t().to(DEVICE),
+                                           weights.to(DEVICE), 50)  # fmt: skip
+    want_slots, place = torch.sort(indices, dim=1, stable=True)
+    assert torch.equal(slots.cpu().long(), want_slots)
+    assert torch.equal(ordered.cpu(), torch.gather(weights, 1, place))
+
+
 def test_the_bag_forward_orders_bags_where_rows_repeat_across_them():
     row = 1024 * 2  # bf16 rows of the benchmark's model dim
     assert triton_bag.orders_bags(2 * 2**20, 2**20, row)  # the benchmark at 1M slots

@@ -406,6 +406,7 @@ def order_bags(
     (H100, 16,384 bags of 128 from 1M rows, 4 warps: 0.024 ms with int32 keys, 0.031 with
     int64; 512 keys a program 0.0235 ms, 256 0.0257, 2,048 0.0259; other warps not timed)."""
     N, B = indices.shape
+    indices, weights = indices.contiguous(), weights.contiguous()  # the kernel's (N, B) layout
     slots = torch.empty(N, B, dtype=torch.int32, device=indices.device)
     ordered = torch.empty_like(weights)
     if N == 0 or B == 0:
@@ -414,7 +415,7 @@ def order_bags(
     shift = bp.bit_length() - 1
     rows = max(1, elements // bp)
     _order_bags_kernel[(triton.cdiv(N, rows),)](
-        indices.contiguous(), weights.contiguous(), slots, ordered, N, B, ROWS=rows, BP=bp,
+        indices, weights, slots, ordered, N, B, ROWS=rows, BP=bp,
         SHIFT=shift if n_rows << shift < 2**31 else 32, num_warps=num_warps,
     )  # fmt: skip
     return slots, ordered
