@@ -138,6 +138,9 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, ws=True)
     with pytest.raises(ValueError, match="need later"):
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, recheck=True, later=False)
+    # only the Gluon kernel (and the recheck after it) normalise the query as they read it
+    with pytest.raises(ValueError, match="norm_weight needs the warp-specialised kernel"):
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, norm_weight=torch.ones(2, 64))
     try:
         from memslot.kernels import gluon_topk
     except (ImportError, AttributeError):  # a Triton without (this) Gluon
@@ -155,6 +158,16 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=3)
     with pytest.raises(ValueError, match="lower consumer_regs"):  # 4 x 128 x 232 registers
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=4)
+    with pytest.raises(ValueError, match="norm_weight needs q_reg"):
+        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, q_reg=False,
+                                norm_weight=torch.ones(2, 64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"views of one contiguous \(2, H, N, half\) or"):
+        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128)  # two separate tensors
+    q = torch.randn(8, 2, 128, device=DEVICE)  # the halves of one query: the layout it takes
+    assert gluon_topk.query_rows(q[..., :64], q[..., 64:])[1] is True
+    normed = triton_topk.normalise_query(q, None)  # ... and the heads-first halves
+    assert gluon_topk.query_rows(normed[0].transpose(0, 1), normed[1].transpose(0, 1))[1] is False
+    assert gluon_topk.query_rows(q[..., 64:], q[..., :64]) is None  # halves swapped
 
 
 def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order():
@@ -241,6 +254,44 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
     )  # fmt: skip
     for a, b in zip(triton_only, ws, strict=True):  # scores, slots, half indices, pair ranks
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
+@pytest.mark.parametrize(
+    "n,heads,half,n_keys,topk,same_keys",
+    [
+        (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
+        (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
+        (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
+        (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
+        (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
+    ],
+)
+@pytest.mark.parametrize("norm", [True, False])
+def test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_bits(
+    n, heads, half, n_keys, topk, same_keys, norm
+):
+    # with no gradient to keep, the Gluon kernel reads the query as projected and normalises it
+    # in its registers (the recheck as it reads it): the bits of the pass that writes the
+    # normalised halves first, which a query that needs a gradient still takes
+    g = torch.Generator(device="cuda").manual_seed(n + norm)
+    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    q[:, :, half:] *= 0.25
+    k1, k2 = (
+        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    if same_keys:
+        k1[:, 1:] = k1[:, :1]
+    weight = None
+    if norm:
+        weight = (torch.rand(2, half, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    assert triton_topk.reads_query_as_projected(q, k1, topk)
+    with torch.no_grad():
+        in_kernel = triton_topk.query_topk(q, k1, k2, topk, weight, softmax=True)
+    first = triton_topk.query_topk(q.clone().requires_grad_(), k1, k2, topk, weight, softmax=True)
+    for a, b in zip(first, in_kernel, strict=True):  # weights, slots
+        assert torch.equal(a.detach(), b)
 
 
 @pytest.mark.parametrize("bisect", [0, 3, 12])
@@ -366,6 +417,24 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
     for got, want in zip(got_grads, want_grads, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_query_norm_gives_the_same_bits_whatever_the_order_of_its_sum():
+    # each half's sum of squares is taken in fp64 (``_inv_rms``), so that the Gluon kernel,
+    # which sums in another order, normalises to the same bits: permuting the dims of each half
+    # (and of the weight alike) permutes the output and changes nothing else. In fp32, where
+    # an fp32 sum would differ in the last bit for a good share of the rows under a new order
+    n, heads, half = 40 * BIG, 3, 16
+    q, _, _, weight = query_topk_inputs(n, heads, 8, half, seed=4)
+    q[::3, :, : half // 2] *= 1e3  # rows whose dims span several orders of magnitude
+    g = torch.Generator().manual_seed(4)
+    perm = torch.randperm(half, generator=g).to(DEVICE)
+    both = torch.cat([perm, perm + half])
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = q.to(dtype), weight.to(dtype)
+        want = triton_topk.normalise_query(x, w)
+        got = triton_topk.normalise_query(x[..., both].contiguous(), w[:, perm].contiguous())
+        assert torch.equal(got, want[..., perm]), dtype
 
 
 def test_query_norm_pass_writes_the_normalised_halves_heads_first():

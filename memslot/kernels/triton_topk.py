@@ -428,13 +428,16 @@ def _recheck_kernel(
     K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr,
     TURNS: tl.constexpr = 1,
+    norm_w_ptr=None, eps=0.0, NORM: tl.constexpr = False,
 ):  # fmt: skip
     """After a half kernel that left each row's candidate count in late (2, H, N) (-1: ranked
     by it): the blocks of BLOCK_N rows with a row out of [K, WIDE] (fewer candidates than K, or
     more than its scratch places: ties at the bound) are ranked here by the exact top-k network
     over every chunk, and their rows marked -1 in late. A few programs stride over all
     2 x H x n_blocks blocks, at most TURNS each: in the common case each reads the counts of
-    all its blocks by one load and is done."""
+    all its blocks by one load and is done. With NORM the query halves are as projected, and
+    each is rms-normalised and scaled by its row of norm_w here (``_query_norm_kernel``'s
+    bits) before it is scored."""
     kcol = tl.arange(0, KP)
     ccol = tl.arange(0, BLOCK_C)
     d = tl.arange(0, HALF_P2)
@@ -462,6 +465,11 @@ def _recheck_kernel(
             )  # fmt: skip
             q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :],
                         mask=row_mask[:, None] & (d < half)[None, :], other=0.0)  # fmt: skip
+            if NORM:
+                x = q.to(tl.float32)
+                w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0)
+                x = x * _inv_rms(x, half, eps)[:, None] * w.to(tl.float32)[None, :]
+                q = x.to(q1_ptr.dtype.element_ty)
             if IEEE:
                 q = q.to(tl.float32)
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
@@ -816,8 +824,13 @@ def product_key_topk_forward(
     ws_tiles: dict | None = None,
     recheck: bool = False,
     softmax: bool = False,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
+
+    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the
+    warp-specialised kernel and the recheck rms-normalise them and scale them by it as they read
+    them, with ``normalise_query``'s bits (it needs the ``ws`` path).
 
     ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
     key gradient is a product with).
@@ -870,6 +883,11 @@ def product_key_topk_forward(
         raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
                          "half) tensor (no normed_out), half a multiple of 64 up to 256 and "
                          "n_keys a multiple of the Gluon kernel's block_c")  # fmt: skip
+    if norm_weight is not None and not (ws and ws_tiles.get("q_reg", True)):
+        raise ValueError(
+            "norm_weight needs the warp-specialised kernel with q_reg (the query "
+            "normalised in its registers): normalise the query first elsewhere"
+        )
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
@@ -893,7 +911,8 @@ def product_key_topk_forward(
             bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
-                                                 bound=bound, **ws_tiles)  # fmt: skip
+                                                 bound=bound, norm_weight=norm_weight,
+                                                 **ws_tiles)  # fmt: skip
         if bound is not None and stop != 1:
             LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
@@ -926,6 +945,7 @@ def product_key_topk_forward(
             K=topk, KP=kp, WIDE=wide, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
             EVEN=even, IEEE=ieee,
             TURNS=_next_pow2(triton.cdiv(2 * H * n_blocks, programs), 1),
+            norm_w_ptr=norm_weight, eps=RMS_EPS, NORM=norm_weight is not None,
             num_warps=tiles["num_warps"],
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
@@ -981,19 +1001,22 @@ def _score_grads(
     return dq, dk
 
 
-def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None, softmax=False):
+def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None, softmax=False,
+                          norm_weight=None):  # fmt: skip
     """The fused forward (with ``softmax``, the scores turned into weights); returns what
     ``_backward_of_scores`` needs when a gradient is needed (else None). ``normed``
     (2, H, N, half): the query halves heads-first, of which q1 and q2 are views; otherwise the
-    kernel writes them there."""
+    kernel writes them there. ``norm_weight``: q1 and q2 are the halves as projected, which the
+    kernels normalise (no gradient, ``product_key_topk_forward``)."""
     needs_grad = any(ctx.needs_input_grad)
     N, H, half = q1.shape
     out = None
     if needs_grad and normed is None:
         normed = out = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device)
     scores, slots, half_idx, pair_rank = product_key_topk_forward(
-        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out, softmax=softmax
-    )
+        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out,
+        softmax=softmax, norm_weight=norm_weight,
+    )  # fmt: skip
     ctx.mark_non_differentiable(slots)
     ctx.n_keys = keys1.shape[1]
     ctx.key_dtypes = (keys1.dtype, keys2.dtype)
@@ -1036,12 +1059,22 @@ class QueryTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys1, keys2, norm_weight, topk: int, softmax: bool = False):  # noqa: D102
+        ctx.softmax = softmax
+        if not any(ctx.needs_input_grad):
+            keys1, keys2 = keys1.to(q.dtype), keys2.to(q.dtype)
+            if reads_query_as_projected(q, keys1, topk):
+                # the Gluon kernel reads q as projected and normalises it in its registers:
+                # no pass over the query first, nothing kept for a backward
+                half = q.shape[-1] // 2
+                out, slots, _ = _forward_for_autograd(ctx, q[..., :half], q[..., half:], keys1,
+                                                      keys2, topk, None, softmax,
+                                                      norm_weight)  # fmt: skip
+                return out, slots
         # one pass writes the normalised halves heads-first: the top-k kernel reads each head's
         # rows contiguously and the key gradient is a plain batched product with them
         normed = normalise_query(q, norm_weight)  # (2, H, N, half)
         q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)  # (N, H, half) views
         out, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed, softmax)
-        ctx.softmax = softmax
         if saved is not None:
             ctx.save_for_backward(q, norm_weight, out if softmax else None, *saved)
         return out, slots
@@ -1081,6 +1114,18 @@ def _query_rows(which, R, H, N, half, stride_qn, stride_qh, HALF_P2: tl.constexp
 
 
 @triton.jit
+def _inv_rms(x, half, eps):
+    """(mean(x**2) + eps)**-1/2 of each row of x (R, D) fp32, zeros past ``half``: the sum of
+    squares taken in fp64 and rounded once to fp32. Of bf16 values the squares and their sum are
+    exact in fp64 (wherever a row's values span less than 2**14), so the result does not depend
+    on the order of the sum: every kernel that normalises a query (this module's and the Gluon
+    kernel's, each reducing in its own layout) gets the same bits. (Past that span, and for fp32
+    values, two orders differ only where fp64's last bits decide the fp32 rounding.)"""
+    x64 = x.to(tl.float64)
+    return tl.rsqrt(tl.sum(x64 * x64, axis=1).to(tl.float32) / half + eps)
+
+
+@triton.jit
 def _query_norm_kernel(
     q_ptr,
     norm_w_ptr,
@@ -1104,9 +1149,24 @@ def _query_norm_kernel(
     x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
         w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
+        rms = _inv_rms(x, half, eps)  # (BLOCK_R,)
         x = x * rms[:, None] * w[None, :]
     tl.store(out_ptr + heads_first[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask)
+
+
+def reads_query_as_projected(q: torch.Tensor, keys1: torch.Tensor, topk: int) -> bool:
+    """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward can leave the
+    qk-norm to the warp-specialised kernel (``gluon_topk.half_topk_ws``'s norm_weight), which
+    then reads q as projected: a contiguous q and keys1 in q's dtype that it takes, with the
+    query slices held in registers (the default tiles)."""
+    if gluon_topk is None or not q.is_contiguous() or q.dim() != 3:
+        return False
+    tiles = _default_ws_tiles(keys1.shape[1]) if WS_TILES is None else WS_TILES
+    if not tiles.get("q_reg", True):
+        return False
+    half = q.shape[-1] // 2
+    block_c = tiles.get("block_c", gluon_topk.BLOCK_C_)
+    return gluon_topk.eligible(q[..., :half], q[..., half:], keys1, topk, block_c)
 
 
 def normalise_query(q: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -1158,7 +1218,7 @@ def _query_grad_kernel(
     if NORM:
         x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
+        rms = _inv_rms(x, half, eps)  # (BLOCK_R,)
         dw = tl.sum(g * x * rms[:, None], axis=0)  # (HALF_P2,)
         tl.store(dw_ptr + (tl.program_id(0) * 2 + which) * half + d, dw, mask=d < half)
         gw = g * w[None, :]
