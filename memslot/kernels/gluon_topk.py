@@ -33,9 +33,13 @@ which ``triton_topk.filter_candidates`` keeps the ones that reach it for the com
 Done in this kernel's tail, that filter left the multiprocessor idle (its one program there
 waited on its own loads); as a kernel of its own it costs little.
 
-Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
-64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
-It gives the same bits as the Triton path (its products are the same warpgroup products). Gluon
+Only for bf16 queries, half a multiple of 64 up to 256, n_keys a multiple of BLOCK_C and topk
+at most BLOCK_C; ``eligible`` says when. The loader reads the halves heads-first (the layout
+``triton_topk.normalise_query`` writes, (2, H, N, half)) or the query as projected (N, H,
+2 * half); with a norm weight the consumers apply the qk-norm to their query slices as they take
+them into registers (``_normed_query``), so that a top-k with no gradient to keep needs no pass
+over the query first. It gives the same bits as the Triton path (its products are the same
+warpgroup products, its qk-norm the normalising pass's). Gluon
 has no CPU interpreter: the tests of this path run on the GPU.
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
