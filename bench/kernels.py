@@ -17,6 +17,7 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
     python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
     python bench/kernels.py --no-bag --n-keys 1024 --no-bag-order   # bags read as given
+    python bench/kernels.py --no-bag --norm-pass   # the qk-norm by its own pass, as in training
 """
 
 from __future__ import annotations
@@ -745,6 +746,22 @@ def gpu_bench(args) -> None:
             f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
         )
         layer_fwd[n_keys] = times["triton"][0]
+        from memslot.kernels import triton_topk
+
+        if triton_topk.NORM_IN_KERNEL and triton_topk.reads_query_as_projected(
+            layer.query(x[0, :1]).view(1, H, KD), layer.keys[:, 0], K
+        ):  # the same forward with the qk-norm by its own pass first, side by side
+            triton_topk.NORM_IN_KERNEL = False
+            with_pass = bench_ms(fwd)
+            triton_topk.NORM_IN_KERNEL = True
+            in_kernel = bench_ms(fwd)
+            row(
+                f"  the layer forward, {cfg.n_slots:,} slots, qk-norm by its own pass",
+                with_pass,
+                "",
+                f"{with_pass / in_kernel:.3f}x the qk-norm in the Gluon kernel ({in_kernel:.3f} "
+                "ms, timed next)",
+            )
         if args.profile and n_keys == args.n_keys[0]:
             profile("layer forward", fwd)
             profile("layer forward+backward", step)
@@ -872,6 +889,11 @@ def main() -> None:
         help="the bag forward reads each bag's rows as given, never in slot order",
     )
     p.add_argument(
+        "--norm-pass",
+        action="store_true",
+        help="the qk-norm by its own pass before the top-k even without a gradient",
+    )
+    p.add_argument(
         "--ws-tiles",
         type=json.loads,
         default=None,
@@ -882,10 +904,12 @@ def main() -> None:
         from memslot.kernels import triton_bag
 
         triton_bag.ORDER_BAGS_FROM = float("inf")
-    if args.ws_tiles is not None:
+    if args.ws_tiles is not None or args.norm_pass:
         from memslot.kernels import triton_topk
 
-        triton_topk.WS_TILES = args.ws_tiles
+        if args.ws_tiles is not None:
+            triton_topk.WS_TILES = args.ws_tiles
+        triton_topk.NORM_IN_KERNEL = not args.norm_pass
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         if args.bag_backward:
             bench_bag_backward(args)
