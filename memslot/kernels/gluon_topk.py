@@ -39,8 +39,8 @@ at most BLOCK_C; ``eligible`` says when. The loader reads the halves heads-first
 2 * half); with a norm weight the consumers apply the qk-norm to their query slices as they take
 them into registers (``_normed_query``), so that a top-k with no gradient to keep needs no pass
 over the query first. It gives the same bits as the Triton path (its products are the same
-warpgroup products, its qk-norm the normalising pass's). Gluon
-has no CPU interpreter: the tests of this path run on the GPU.
+warpgroup products, its qk-norm the normalising pass's). Gluon has no CPU interpreter: the
+tests of this path run on the GPU.
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
 0.24 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.12 against
@@ -433,9 +433,9 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
 
 @gluon.jit
 def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_ptr, norm_w_ptr,
-                         N, H, n_keys, half, eps, K: gl.constexpr, WIDE: gl.constexpr, BLOCK_C: gl.constexpr,
-                         KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
-                         STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         N, H, n_keys, half, eps, K: gl.constexpr, WIDE: gl.constexpr,
+                         BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
+                         BISECT: gl.constexpr, STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
                          SAMPLE: gl.constexpr, OVERLAP: gl.constexpr, RAW: gl.constexpr,
@@ -584,12 +584,13 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  bound: torch.Tensor | None = None, overlap: bool | None = None,
                  norm_weight: torch.Tensor | None = None, eps: float = RMS_EPS):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
-    (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With norm_weight
-    (2, half) the halves (as ``query_rows`` takes them) are rms-normalised and scaled by it in
-    the kernel, as ``triton_topk.normalise_query`` would (the same bits); that needs q_reg. With sample > 1
+    (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
     places), and bound (2, H, N) fp32 receives each row's bound from every chunk's group
-    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it.
+    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it. With
+    norm_weight (2, half) the halves (as ``query_rows`` takes them) are rms-normalised and
+    scaled by it in the kernel, as ``triton_topk.normalise_query`` would (the same bits); that
+    needs q_reg.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
