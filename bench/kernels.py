@@ -748,12 +748,13 @@ def gpu_bench(args) -> None:
         layer_fwd[n_keys] = times["triton"][0]
         from memslot.kernels import triton_topk
 
-        if triton_topk.NORM_IN_KERNEL and triton_topk.reads_query_as_projected(
+        gluon = triton_topk.gluon_topk
+        if triton_topk.reads_query_as_projected(
             layer.query(x[0, :1]).view(1, H, KD), layer.keys[:, 0], K
         ):  # the same forward with the qk-norm by its own pass first, side by side
-            triton_topk.NORM_IN_KERNEL = False
+            gluon.TAKES_PROJECTED = False
             with_pass = bench_ms(fwd)
-            triton_topk.NORM_IN_KERNEL = True
+            gluon.TAKES_PROJECTED = True
             in_kernel = bench_ms(fwd)
             row(
                 f"  the layer forward, {cfg.n_slots:,} slots, qk-norm by its own pass",
@@ -904,12 +905,14 @@ def main() -> None:
         from memslot.kernels import triton_bag
 
         triton_bag.ORDER_BAGS_FROM = float("inf")
-    if args.ws_tiles is not None or args.norm_pass:
+    if args.ws_tiles is not None:
         from memslot.kernels import triton_topk
 
-        if args.ws_tiles is not None:
-            triton_topk.WS_TILES = args.ws_tiles
-        triton_topk.NORM_IN_KERNEL = not args.norm_pass
+        triton_topk.WS_TILES = args.ws_tiles
+    if args.norm_pass:
+        from memslot.kernels import gluon_topk
+
+        gluon_topk.TAKES_PROJECTED = False
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         if args.bag_backward:
             bench_bag_backward(args)

@@ -130,7 +130,7 @@ def test_the_recheck_after_the_half_kernel_gives_the_same_bits(n, heads, n_keys,
     assert_same_bits_and_exact(plain, rechecked, q1, q2, k1, k2, topk)
 
 
-def test_the_warp_specialised_path_refuses_what_it_cannot_take():
+def test_the_warp_specialised_path_refuses_what_it_cannot_take(monkeypatch):
     # fp32 halves that are not views of one heads-first tensor: not for the Gluon kernel, and
     # the recheck and the Gluon kernel both leave the ranking to the combine kernel
     q1, q2, k1, k2 = random_keys(8, 2, 64, 64, seed=3)
@@ -164,10 +164,13 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match=r"views of one contiguous \(2, H, N, half\) or"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128)  # two separate tensors
     q = torch.randn(8, 2, 128, device=DEVICE)  # the halves of one query: the layout it takes
+    monkeypatch.setattr(gluon_topk, "TAKES_PROJECTED", True)
     assert gluon_topk.query_rows(q[..., :64], q[..., 64:])[1] is True
     normed = triton_topk.normalise_query(q, None)  # ... and the heads-first halves
     assert gluon_topk.query_rows(normed[0].transpose(0, 1), normed[1].transpose(0, 1))[1] is False
     assert gluon_topk.query_rows(q[..., 64:], q[..., :64]) is None  # halves swapped
+    monkeypatch.setattr(gluon_topk, "TAKES_PROJECTED", False)  # ... or where told not to
+    assert gluon_topk.query_rows(q[..., :64], q[..., 64:]) is None
 
 
 def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order():
@@ -269,7 +272,7 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
 )
 @pytest.mark.parametrize("norm", [True, False])
 def test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_bits(
-    n, heads, half, n_keys, topk, same_keys, norm
+    n, heads, half, n_keys, topk, same_keys, norm, monkeypatch
 ):
     # with no gradient to keep, the Gluon kernel reads the query as projected and normalises it
     # in its registers (the recheck as it reads it): the bits of the pass that writes the
@@ -286,6 +289,7 @@ def test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_bi
     weight = None
     if norm:
         weight = (torch.rand(2, half, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    monkeypatch.setattr(triton_topk.gluon_topk, "TAKES_PROJECTED", True)
     assert triton_topk.reads_query_as_projected(q, k1, topk)
     with torch.no_grad():
         in_kernel = triton_topk.query_topk(q, k1, k2, topk, weight, softmax=True)

@@ -524,19 +524,26 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
         )  # fmt: skip
 
 
+# whether the kernel takes the query as projected (``query_rows``), and with it the qk-norm
+# of a top-k with no gradient to keep (``triton_topk.reads_query_as_projected``); a benchmark
+# turns it off to time the normalising pass first
+TAKES_PROJECTED = True
+
+
 def query_rows(q1: torch.Tensor, q2: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """The 2-D tensor the kernel reads the query halves (N, H, half) from by TMA, and whether
     it is the query as projected: (2 * H * N, half) where they are views of one contiguous
     (2, H, N, half) tensor (heads first, ``normalise_query``'s output), (N, H * 2 * half)
-    where they are the two halves of one contiguous query (N, H, 2 * half); None otherwise, or
-    where the rows do not start at a 16-byte boundary."""
+    where they are the two halves of one contiguous query (N, H, 2 * half) and
+    ``TAKES_PROJECTED``; None otherwise, or where the rows do not start at a 16-byte boundary."""
     N, H, half = q1.shape
     if q1.stride(-1) != 1 or q2.stride() != q1.stride() or q1.data_ptr() % 16:
         return None
     size = q1.element_size()
     if q1.stride() == (half, N * half, 1) and q2.data_ptr() == q1.data_ptr() + H * N * half * size:
         return q1.as_strided((2 * H * N, half), (half, 1)), False
-    if q1.stride() == (H * 2 * half, 2 * half, 1) and q2.data_ptr() == q1.data_ptr() + half * size:
+    projected = q1.stride() == (H * 2 * half, 2 * half, 1)
+    if TAKES_PROJECTED and projected and q2.data_ptr() == q1.data_ptr() + half * size:
         return q1.as_strided((N, H * 2 * half), (H * 2 * half, 1)), True
     return None
 

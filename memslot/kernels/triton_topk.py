@@ -1154,17 +1154,12 @@ def _query_norm_kernel(
     tl.store(out_ptr + heads_first[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask)
 
 
-# whether a top-k with no gradient to keep leaves the qk-norm to the Gluon kernel where it can
-# (``reads_query_as_projected``); a benchmark turns it off to compare
-NORM_IN_KERNEL = True
-
-
 def reads_query_as_projected(q: torch.Tensor, keys1: torch.Tensor, topk: int) -> bool:
     """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward can leave the
     qk-norm to the warp-specialised kernel (``gluon_topk.half_topk_ws``'s norm_weight), which
     then reads q as projected: a contiguous q and keys1 in q's dtype that it takes, with the
     query slices held in registers (the default tiles)."""
-    if not NORM_IN_KERNEL or gluon_topk is None or not q.is_contiguous() or q.dim() != 3:
+    if gluon_topk is None or not q.is_contiguous() or q.dim() != 3:
         return False
     tiles = _default_ws_tiles(keys1.shape[1]) if WS_TILES is None else WS_TILES
     if not tiles.get("q_reg", True):
