@@ -138,9 +138,6 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take(monkeypatch):
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, ws=True)
     with pytest.raises(ValueError, match="need later"):
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, recheck=True, later=False)
-    # only the Gluon kernel (and the recheck after it) normalise the query as they read it
-    with pytest.raises(ValueError, match="norm_weight needs the warp-specialised kernel"):
-        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, norm_weight=torch.ones(2, 64))
     try:
         from memslot.kernels import gluon_topk
     except (ImportError, AttributeError):  # a Triton without (this) Gluon
@@ -439,6 +436,56 @@ def test_the_query_norm_gives_the_same_bits_whatever_the_order_of_its_sum():
         want = triton_topk.normalise_query(x, w)
         got = triton_topk.normalise_query(x[..., both].contiguous(), w[:, perm].contiguous())
         assert torch.equal(got, want[..., perm]), dtype
+
+
+@pytest.mark.parametrize(
+    "n,heads,n_keys,half,topk,tiles,norm,dtype,rechecks",
+    [
+        (20 * BIG, 2, 40, 8, 5, {}, True, torch.float32, (False, True)),
+        (20 * BIG, 2, 40, 8, 5, {}, True, torch.bfloat16, (False, True)),
+        (20 * BIG, 2, 40, 8, 5, {}, False, torch.bfloat16, (False, True)),
+        # the first half's sub-keys all alike: every row's 40 scores tie, past its 16 places,
+        # so every block of that half goes to the recheck
+        (6, 2, 40, 8, 8, dict(block_c=16, cap=16, wide=16), True, torch.bfloat16, (True,)),
+    ],
+)
+def test_the_kernels_normalise_the_query_as_projected_with_the_passs_bits(
+    n, heads, n_keys, half, topk, tiles, norm, dtype, rechecks
+):
+    # q as projected (the halves of one (n, heads, 2 * half) tensor) with norm_weight: the half
+    # kernel and the recheck normalise each row as they load it, with the bits of the pass that
+    # writes the normalised halves first (which a query that needs a gradient still takes)
+    q, k1, k2, weight = query_topk_inputs(n, heads, n_keys, half, seed=n + half, dtype=dtype)
+    if tiles:
+        k1[:, 1:] = k1[:, :1]
+    weight = weight if norm else None
+    normed = triton_topk.normalise_query(q, weight)
+    for recheck in rechecks:
+        first = triton_topk.product_key_topk_forward(
+            normed[0].transpose(0, 1), normed[1].transpose(0, 1), k1, k2, topk,
+            save_for_backward=True, recheck=recheck, **tiles,
+        )  # fmt: skip
+        as_read = triton_topk.product_key_topk_forward(
+            q[..., :half], q[..., half:], k1, k2, topk, save_for_backward=True,
+            recheck=recheck, norm_weight=weight, **tiles,
+        )  # fmt: skip
+        for a, b in zip(first, as_read, strict=True):  # scores, slots, half indices, ranks
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_query_topk_without_a_gradient_reads_the_query_as_projected(norm):
+    # no gradient to keep: no normalising pass (the kernels normalise as they read), the same
+    # weights and slots as a query that keeps its gradient
+    q, k1, k2, weight = query_topk_inputs(20 * BIG, 2, 40, 8, seed=11)
+    weight = weight if norm else None
+    assert triton_topk.reads_query_as_projected(q, k1, 5)
+    assert not triton_topk.reads_query_as_projected(q.transpose(0, 1), k1, 5)  # not contiguous
+    with torch.no_grad():
+        as_read = triton_topk.query_topk(q, k1, k2, 5, weight, softmax=True)
+    first = triton_topk.query_topk(q.clone().requires_grad_(), k1, k2, 5, weight, softmax=True)
+    for a, b in zip(first, as_read, strict=True):
+        assert torch.equal(a.detach(), b)
 
 
 def test_query_norm_pass_writes_the_normalised_halves_heads_first():

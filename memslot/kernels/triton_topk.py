@@ -305,9 +305,13 @@ def _half_topk_kernel(
     SCAN: tl.constexpr = 0,
     late_ptr=None,
     LATER: tl.constexpr = False,
+    norm_w_ptr=None,
+    eps=0.0,
+    NORM: tl.constexpr = False,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
-    half_s / half_i (2, N, H, K).
+    half_s / half_i (2, N, H, K). With NORM the query halves are as projected, and each row is
+    rms-normalised and scaled by its row of norm_w first (``_query_norm_kernel``'s bits).
 
     Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
     1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks; a value
@@ -341,6 +345,8 @@ def _half_topk_kernel(
         mask=row_mask[:, None] & (d < half)[None, :],
         other=0.0,
     )
+    if NORM:
+        q = _normalised(q, norm_w_ptr, which, d, half, eps).to(q1_ptr.dtype.element_ty)
     if SAVE_Q:
         qn_rows = ((which * H + h) * N + rows).to(tl.int64) * half
         tl.store(qn_ptr + qn_rows[:, None] + d[None, :], q,
@@ -466,10 +472,7 @@ def _recheck_kernel(
             q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :],
                         mask=row_mask[:, None] & (d < half)[None, :], other=0.0)  # fmt: skip
             if NORM:
-                x = q.to(tl.float32)
-                w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0)
-                x = x * _inv_rms(x, half, eps)[:, None] * w.to(tl.float32)[None, :]
-                q = x.to(q1_ptr.dtype.element_ty)
+                q = _normalised(q, norm_w_ptr, which, d, half, eps).to(q1_ptr.dtype.element_ty)
             if IEEE:
                 q = q.to(tl.float32)
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
@@ -828,9 +831,9 @@ def product_key_topk_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
-    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the
-    warp-specialised kernel and the recheck rms-normalise them and scale them by it as they read
-    them, with ``normalise_query``'s bits (it needs the ``ws`` path).
+    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the half
+    kernel (Triton or Gluon) and the recheck rms-normalise them and scale them by it as they
+    read them, with ``normalise_query``'s bits.
 
     ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
     key gradient is a product with).
@@ -883,10 +886,10 @@ def product_key_topk_forward(
         raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
                          "half) tensor (no normed_out), half a multiple of 64 up to 256 and "
                          "n_keys a multiple of the Gluon kernel's block_c")  # fmt: skip
-    if norm_weight is not None and not (ws and ws_tiles.get("q_reg", True)):
+    if norm_weight is not None and ws and not ws_tiles.get("q_reg", True):
         raise ValueError(
-            "norm_weight needs the warp-specialised kernel with q_reg (the query "
-            "normalised in its registers): normalise the query first elsewhere"
+            "norm_weight on the warp-specialised kernel needs q_reg (the query normalised in "
+            "its registers): normalise the query first, or give it other tiles"
         )
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
@@ -930,6 +933,7 @@ def product_key_topk_forward(
             EVEN=even, IEEE=ieee, STOP=stop if stop < 3 else 0,
             SCAN=tiles["scan"] if scan is None else scan,
             SAVE_Q=normed_out is not None, late_ptr=late, LATER=later,
+            norm_w_ptr=norm_weight, eps=RMS_EPS, NORM=norm_weight is not None,
             num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
         )  # fmt: skip
     if (ws or recheck) and stop in (0, 3):
@@ -1063,8 +1067,8 @@ class QueryTopK(torch.autograd.Function):
         if not any(ctx.needs_input_grad):
             keys1, keys2 = keys1.to(q.dtype), keys2.to(q.dtype)
             if reads_query_as_projected(q, keys1, topk):
-                # the Gluon kernel reads q as projected and normalises it in its registers:
-                # no pass over the query first, nothing kept for a backward
+                # the half kernel reads q as projected and normalises it as it loads it: no
+                # pass over the query first, nothing kept for a backward
                 half = q.shape[-1] // 2
                 out, slots, _ = _forward_for_autograd(ctx, q[..., :half], q[..., half:], keys1,
                                                       keys2, topk, None, softmax,
@@ -1126,6 +1130,15 @@ def _inv_rms(x, half, eps):
 
 
 @triton.jit
+def _normalised(q, norm_w_ptr, which, d, half, eps):
+    """Rows of query half ``which`` (R, HALF_P2, zeros past half), rms-normalised and scaled by
+    its row of norm_w, in fp32 (the caller rounds once): every kernel's qk-norm, one formula."""
+    x = q.to(tl.float32)
+    w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
+    return x * _inv_rms(x, half, eps)[:, None] * w[None, :]
+
+
+@triton.jit
 def _query_norm_kernel(
     q_ptr,
     norm_w_ptr,
@@ -1148,25 +1161,27 @@ def _query_norm_kernel(
                                                 HALF_P2, BLOCK_R)  # fmt: skip
     x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-        rms = _inv_rms(x, half, eps)  # (BLOCK_R,)
-        x = x * rms[:, None] * w[None, :]
+        x = _normalised(x, norm_w_ptr, which, d, half, eps)
     tl.store(out_ptr + heads_first[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask)
 
 
 def reads_query_as_projected(q: torch.Tensor, keys1: torch.Tensor, topk: int) -> bool:
-    """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward can leave the
-    qk-norm to the warp-specialised kernel (``gluon_topk.half_topk_ws``'s norm_weight), which
-    then reads q as projected: a contiguous q and keys1 in q's dtype that it takes, with the
-    query slices held in registers (the default tiles)."""
-    if gluon_topk is None or not q.is_contiguous() or q.dim() != 3:
+    """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward reads q as
+    projected and leaves the qk-norm to the kernels that score it (``product_key_topk_forward``'s
+    norm_weight), with no pass over the query first: for a contiguous q, always where the
+    Triton half kernel scores it (it reads any layout); where the warp-specialised kernel does
+    (keys1 in q's dtype), only if it takes the query as projected
+    (``gluon_topk.TAKES_PROJECTED``) and holds its slices in registers (the default tiles)."""
+    if not q.is_contiguous() or q.dim() != 3:
         return False
+    if gluon_topk is None:
+        return True
     tiles = _default_ws_tiles(keys1.shape[1]) if WS_TILES is None else WS_TILES
-    if not tiles.get("q_reg", True):
-        return False
     half = q.shape[-1] // 2
-    block_c = tiles.get("block_c", gluon_topk.BLOCK_C_)
-    return gluon_topk.eligible(q[..., :half], q[..., half:], keys1, topk, block_c)
+    q1, q2 = q[..., :half], q[..., half:]
+    if not gluon_topk.takes(q1, keys1, topk, tiles.get("block_c", gluon_topk.BLOCK_C_)):
+        return True  # the Triton half kernel scores it
+    return tiles.get("q_reg", True) and gluon_topk.query_rows(q1, q2) is not None
 
 
 def normalise_query(q: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
