@@ -752,7 +752,7 @@ def gpu_bench(args) -> None:
         chosen = gluon is not None and gluon.TAKES_PROJECTED
         if gluon is not None:
             gluon.TAKES_PROJECTED = True
-        if triton_topk.reads_query_as_projected(
+        if gluon is not None and triton_topk.reads_query_as_projected(
             layer.query(x[0, :1]).view(1, H, KD), layer.keys[:, 0], K
         ):  # the forward with the qk-norm in the Gluon kernel and by its own pass, side by side
             y_in_kernel = fwd()

@@ -525,10 +525,10 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
 
 
 # whether the kernel takes the query as projected (``query_rows``), and with it the qk-norm
-# of a top-k with no gradient to keep (``triton_topk.reads_query_as_projected``). Off until
-# its GPU tests (``test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_
-# bits``, which turn it on) have passed on a Hopper GPU: it compiles for sm_90a and its Triton
-# half (the recheck's qk-norm, the fp64 sum) is tested on the CPU, the rest is not yet run
+# of a top-k with no gradient to keep (``triton_topk.reads_query_as_projected``). Off until its
+# GPU test has passed on a Hopper GPU (tests/test_kernels_triton.py, "without_a_gradient",
+# which turns it on): the kernel compiles for sm_90a, the Triton kernels' share of the path is
+# tested under the interpreter, and this kernel's has not run yet
 TAKES_PROJECTED = False
 
 
