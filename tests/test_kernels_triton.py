@@ -206,17 +206,18 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
 
+# shapes of the Gluon kernel's tests: n, heads, half, n_keys, topk, every sub-key alike
+WS_SHAPES = [
+    (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
+    (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
+    (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
+    (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
+    (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
+]
+
+
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
-@pytest.mark.parametrize(
-    "n,heads,half,n_keys,topk,same_keys",
-    [
-        (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
-        (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
-        (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
-        (4096, 4, 256, 4096, 32, False),
-        (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
-    ],
-)
+@pytest.mark.parametrize("n,heads,half,n_keys,topk,same_keys", WS_SHAPES)
 @pytest.mark.parametrize(
     "tiles",
     [
@@ -257,16 +258,7 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
 
 
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
-@pytest.mark.parametrize(
-    "n,heads,half,n_keys,topk,same_keys",
-    [
-        (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
-        (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
-        (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
-        (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
-        (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
-    ],
-)
+@pytest.mark.parametrize("n,heads,half,n_keys,topk,same_keys", WS_SHAPES)
 @pytest.mark.parametrize("norm", [True, False])
 def test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_bits(
     n, heads, half, n_keys, topk, same_keys, norm, monkeypatch
