@@ -415,8 +415,8 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
 def test_the_query_norm_gives_the_same_bits_whatever_the_order_of_its_sum():
     # each half's sum of squares is taken in fp64 (``_inv_rms``), so that the Gluon kernel,
     # which sums in another order, normalises to the same bits: permuting the dims of each half
-    # (and of the weight alike) permutes the output and changes nothing else. In fp32, where
-    # an fp32 sum would differ in the last bit for a good share of the rows under a new order
+    # (and of the weight alike) permutes the output and changes nothing else. Checked in fp32
+    # too, where a sum in fp32 differs in its last bit for a good share of the rows
     n, heads, half = 40 * BIG, 3, 16
     q, _, _, weight = query_topk_inputs(n, heads, 8, half, seed=4)
     q[::3, :, : half // 2] *= 1e3  # rows whose dims span several orders of magnitude
