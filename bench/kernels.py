@@ -752,8 +752,12 @@ def gpu_bench(args) -> None:
         chosen = gluon is not None and gluon.TAKES_PROJECTED
         if gluon is not None:
             gluon.TAKES_PROJECTED = True
-        if gluon is not None and triton_topk.reads_query_as_projected(
-            layer.query(x[0, :1]).view(1, H, KD), layer.keys[:, 0], K
+        q = layer.query(x[0, :1]).view(1, H, KD)  # a row's query, to ask who scores it
+        keys = layer.keys[:, 0]
+        if (
+            gluon is not None
+            and gluon.takes(q[..., : KD // 2], keys, K)  # the Gluon kernel, not the Triton one
+            and triton_topk.reads_query_as_projected(q, keys, K)
         ):  # the forward with the qk-norm in the Gluon kernel and by its own pass, side by side
             y_in_kernel = fwd()
             gluon.TAKES_PROJECTED = False

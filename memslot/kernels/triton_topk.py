@@ -884,8 +884,9 @@ def product_key_topk_forward(
         ws = later and ws_ok
     elif ws and not ws_ok:
         raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
-                         "half) tensor (no normed_out), half a multiple of 64 up to 256 and "
-                         "n_keys a multiple of the Gluon kernel's block_c")  # fmt: skip
+                         "half) tensor or the halves of one (N, H, 2 * half) query (no "
+                         "normed_out), half a multiple of 64 up to 256 and n_keys a multiple of "
+                         "the Gluon kernel's block_c")  # fmt: skip
     if norm_weight is not None and ws and not ws_tiles.get("q_reg", True):
         raise ValueError(
             "norm_weight on the warp-specialised kernel needs q_reg (the query normalised in "
