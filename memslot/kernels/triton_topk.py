@@ -450,9 +450,10 @@ def _recheck_kernel(
     n_all = 2 * H * n_blocks
     # every count of the program's blocks at once: (TURNS, BLOCK_N), a block a row
     mine = tl.program_id(0) + tl.arange(0, TURNS) * tl.num_programs(0)
-    rows = (mine % n_blocks)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    ok = (mine < n_all)[:, None] & (rows < N)
-    counts = tl.load(late_ptr + (mine // n_blocks)[:, None] * N + rows, mask=ok, other=K)
+    # (a name of its own: Triton's compiler refuses a variable whose shape the loop changes)
+    block_rows = (mine % n_blocks)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ok = (mine < n_all)[:, None] & (block_rows < N)
+    counts = tl.load(late_ptr + (mine // n_blocks)[:, None] * N + block_rows, mask=ok, other=K)
     outside = (tl.min(counts, axis=1) < K) | (tl.max(counts, axis=1) > WIDE)  # (TURNS,)
     if tl.max(outside.to(tl.int32), axis=0) == 0:
         return
