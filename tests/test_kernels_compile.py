@@ -22,7 +22,10 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a Triton whose interpreter moved: nothing to record launches with
+    pytest.skip("this Triton's interpreter is not where the test looks", allow_module_level=True)
 
 from memslot.kernels import triton_bag, triton_topk  # noqa: E402
 
@@ -159,9 +162,9 @@ def run_the_kernels() -> None:
         grad = torch.randn(n, D, generator=g).to(dtype)
         triton_bag.order_bags(idx, weights, n_rows=rows)
         triton_bag.embedding_bag_forward(values, idx, weights, dtype)
-        bag = triton_bag.embedding_bag_forward_gated(values, idx, weights, gate, dtype,
-                                                     keep_bag=True)  # fmt: skip
-        triton_bag.gate_grads(grad, gate, bag[1] if isinstance(bag, tuple) else bag)
+        _, bag = triton_bag.embedding_bag_forward_gated(values, idx, weights, gate, dtype,
+                                                        keep_bag=True)  # fmt: skip
+        triton_bag.gate_grads(grad, gate, bag)
         triton_bag.embedding_bag_grad_weights(grad, values, idx)
         for dense in (False, True):
             triton_bag.embedding_bag_grad_rows(grad, values, idx, weights, dtype, dense)
