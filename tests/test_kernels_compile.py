@@ -11,11 +11,10 @@ Triton's bundled ptxas, in a child process with the interpreter off (compiling n
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+import uninterpreted
 
 # the interpreter is chosen by tests/conftest.py on a machine without a GPU; the child that
 # compiles imports this module with it off
@@ -108,21 +107,10 @@ def compile_all(launches: list[dict]) -> list[str] | dict:
 def compile_in_child(launches: list[dict], tmp_path) -> list[str]:
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import test_kernels_compile as t; "
-        f"print(json.dumps(t.compile_all(json.load(open({str(path)!r})))))"
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    errors = json.loads(child.stdout.strip().splitlines()[-1])
-    if isinstance(errors, dict):
-        pytest.skip(errors["skip"])
-    return errors
+    return uninterpreted.call(
+        "test_kernels_compile", f"compile_all(json.load(open({str(path)!r})))",
+        env={"TRITON_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
 
 
 def run_the_kernels() -> None:

@@ -10,15 +10,14 @@ that no compiler can call.
 """
 
 import inspect
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import pytest
 import torch
+import uninterpreted
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
 try:
@@ -107,20 +106,7 @@ def compile_report(half: int, tiles: dict) -> dict:
 
 def compile_for_hopper(half: int, **tiles) -> dict:
     """``compile_report`` in a child process with Triton's interpreter off."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import test_kernels_gluon as t; "
-        f"print(json.dumps(t.compile_report({half}, {tiles!r})))"
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    report = json.loads(child.stdout.strip().splitlines()[-1])
-    if "skip" in report:
-        pytest.skip(report["skip"])
-    return report
+    return uninterpreted.call("test_kernels_gluon", f"compile_report({half}, {tiles!r})", 600)
 
 
 @pytest.mark.parametrize(
