@@ -17,7 +17,6 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
     python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
     python bench/kernels.py --no-bag --n-keys 1024 --no-bag-order   # bags read as given
-    python bench/kernels.py --no-bag --norm-in-kernel   # the qk-norm in the Gluon kernel
 """
 
 from __future__ import annotations
@@ -746,34 +745,6 @@ def gpu_bench(args) -> None:
             f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
         )
         layer_fwd[n_keys] = times["triton"][0]
-        from memslot.kernels import triton_topk
-
-        gluon = triton_topk.gluon_topk
-        chosen = gluon is not None and gluon.TAKES_PROJECTED
-        if gluon is not None:
-            gluon.TAKES_PROJECTED = True
-        q = layer.query(x[0, :1]).view(1, H, KD)  # a row's query, to ask who scores it
-        keys = layer.keys[:, 0]
-        if (
-            gluon is not None
-            and gluon.takes(q[..., : KD // 2], keys, K)  # the Gluon kernel, not the Triton one
-            and triton_topk.reads_query_as_projected(q, keys, K)
-        ):  # the forward with the qk-norm in the Gluon kernel and by its own pass, side by side
-            y_in_kernel = fwd()
-            gluon.TAKES_PROJECTED = False
-            check(torch.equal(y_in_kernel, fwd()), "the qk-norm in the kernel: the pass's bits")
-            with_pass = bench_ms(fwd)
-            gluon.TAKES_PROJECTED = True
-            in_kernel = bench_ms(fwd)
-            row(
-                f"  the layer forward, {cfg.n_slots:,} slots, qk-norm in the Gluon kernel",
-                in_kernel,
-                "",
-                f"{with_pass / in_kernel:.3f}x faster than by its own pass first "
-                f"({with_pass:.3f} ms, timed before it)",
-            )
-        if gluon is not None:
-            gluon.TAKES_PROJECTED = chosen
         if args.profile and n_keys == args.n_keys[0]:
             profile("layer forward", fwd)
             profile("layer forward+backward", step)
@@ -901,11 +872,6 @@ def main() -> None:
         help="the bag forward reads each bag's rows as given, never in slot order",
     )
     p.add_argument(
-        "--norm-in-kernel",
-        action="store_true",
-        help="without a gradient, the Gluon kernel reads the query as projected and normalises it",
-    )
-    p.add_argument(
         "--ws-tiles",
         type=json.loads,
         default=None,
@@ -920,10 +886,6 @@ def main() -> None:
         from memslot.kernels import triton_topk
 
         triton_topk.WS_TILES = args.ws_tiles
-    if args.norm_in_kernel:
-        from memslot.kernels import gluon_topk
-
-        gluon_topk.TAKES_PROJECTED = True
     if torch.cuda.is_available() and kernels_cuda.triton_available():
         if args.bag_backward:
             bench_bag_backward(args)

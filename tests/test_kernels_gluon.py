@@ -30,9 +30,8 @@ SHARED_MEMORY = 232_448  # bytes a program may use on an H100 / H200 (227 KiB)
 
 def compile_report(half: int, tiles: dict) -> dict:
     """The kernel as ``half_topk_ws`` launches it with its default tiles (overridden by
-    ``tiles``; ``raw`` and ``norm`` say whether it reads the query as projected and normalises
-    it), compiled for sm_90a: what the test checks of it, or {"skip": why}. Run it with the
-    interpreter off (``compile_for_hopper``)."""
+    ``tiles``), compiled for sm_90a: what the test checks of it, or {"skip": why}. Run it with
+    the interpreter off (``compile_for_hopper``)."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.experimental.gluon._runtime import GluonASTSource
@@ -46,8 +45,6 @@ def compile_report(half: int, tiles: dict) -> dict:
     t = {
         name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty
     }
-    tiles = dict(tiles)
-    raw, norm = tiles.pop("raw", False), tiles.pop("norm", False)
     t.update(tiles)
     rows, split = gluon_topk.ROWS_, gluon_topk.SPLIT_
     base = torch.empty(8, split, dtype=torch.bfloat16)  # descriptors only name a type here
@@ -59,8 +56,8 @@ def compile_report(half: int, tiles: dict) -> dict:
     kernel = gluon_topk._half_topk_ws_kernel
     types = {"q_desc": desc(rows).__mangle__(), "k1_desc": desc(t["block_c"]).__mangle__(),
              "k2_desc": desc(t["block_c"]).__mangle__(), "scratch_ptr": "*i64",
-             "late_ptr": "*i32", "bound_ptr": "*fp32", "norm_w_ptr": "*bf16", "N": "i32",
-             "H": "i32", "n_keys": "i32", "half": "i32", "eps": "fp32"}  # fmt: skip
+             "late_ptr": "*i32", "bound_ptr": "*fp32", "N": "i32", "H": "i32",
+             "n_keys": "i32"}  # fmt: skip
     constants = dict(
         K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
         BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
@@ -68,7 +65,6 @@ def compile_report(half: int, tiles: dict) -> dict:
         COMPACT=t["compact"], SAMPLE=t["sample"],
         OVERLAP=gluon_topk.overlap_by_default(t["compact"], t["consumers"])
         if t["overlap"] is None else t["overlap"],
-        RAW=raw, NORM=norm,
     )  # fmt: skip
     names = list(kernel.arg_names)
     assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
@@ -121,10 +117,6 @@ def compile_for_hopper(half: int, **tiles) -> dict:
         (256, dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)),
         (256, dict(overlap=False)),  # each chunk's products waited for before the next's
         (256, dict(sample=4, overlap=False)),
-        (256, dict(raw=True)),  # the query read as projected
-        (256, dict(raw=True, norm=True)),  # ... and normalised in the consumers' registers
-        (256, dict(raw=True, norm=True, sample=4)),  # ... with a sampled bound (16M slots)
-        (128, dict(norm=True)),  # heads first, normalised in the registers
     ],
 )
 def test_the_warp_specialised_half_kernel_compiles_for_hopper_without_spills(half, tiles):

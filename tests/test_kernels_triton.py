@@ -130,7 +130,7 @@ def test_the_recheck_after_the_half_kernel_gives_the_same_bits(n, heads, n_keys,
     assert_same_bits_and_exact(plain, rechecked, q1, q2, k1, k2, topk)
 
 
-def test_the_warp_specialised_path_refuses_what_it_cannot_take(monkeypatch):
+def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     # fp32 halves that are not views of one heads-first tensor: not for the Gluon kernel, and
     # the recheck and the Gluon kernel both leave the ranking to the combine kernel
     q1, q2, k1, k2 = random_keys(8, 2, 64, 64, seed=3)
@@ -155,19 +155,14 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take(monkeypatch):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=3)
     with pytest.raises(ValueError, match="lower consumer_regs"):  # 4 x 128 x 232 registers
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=4)
-    with pytest.raises(ValueError, match="norm_weight needs q_reg"):
-        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, q_reg=False,
-                                norm_weight=torch.ones(2, 64))  # fmt: skip
-    with pytest.raises(ValueError, match=r"views of one contiguous \(2, H, N, half\) or"):
+    with pytest.raises(ValueError, match=r"views of one contiguous \(2, H, N, half\)"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128)  # two separate tensors
-    q = torch.randn(8, 2, 128, device=DEVICE)  # the halves of one query: the layout it takes
-    monkeypatch.setattr(gluon_topk, "TAKES_PROJECTED", True)
-    assert gluon_topk.query_rows(q[..., :64], q[..., 64:])[1] is True
-    normed = triton_topk.normalise_query(q, None)  # ... and the heads-first halves
-    assert gluon_topk.query_rows(normed[0].transpose(0, 1), normed[1].transpose(0, 1))[1] is False
-    assert gluon_topk.query_rows(q[..., 64:], q[..., :64]) is None  # halves swapped
-    monkeypatch.setattr(gluon_topk, "TAKES_PROJECTED", False)  # ... or where told not to
-    assert gluon_topk.query_rows(q[..., :64], q[..., 64:]) is None
+    q = torch.randn(8, 2, 128, device=DEVICE)
+    normed = triton_topk.normalise_query(q, None)  # the heads-first halves: the layout it reads
+    rows = gluon_topk.query_rows(normed[0].transpose(0, 1), normed[1].transpose(0, 1))
+    assert rows.shape == (2 * 2 * 8, 64) and torch.equal(rows.view(2, 2, 8, 64), normed)
+    assert gluon_topk.query_rows(normed[1].transpose(0, 1), normed[0].transpose(0, 1)) is None
+    assert gluon_topk.query_rows(q[..., :64], q[..., 64:]) is None  # the query as projected
 
 
 def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_order():
@@ -206,18 +201,17 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
 
-# shapes of the Gluon kernel's tests: n, heads, half, n_keys, topk, every sub-key alike
-WS_SHAPES = [
-    (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
-    (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
-    (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
-    (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
-    (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
-]
-
-
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
-@pytest.mark.parametrize("n,heads,half,n_keys,topk,same_keys", WS_SHAPES)
+@pytest.mark.parametrize(
+    "n,heads,half,n_keys,topk,same_keys",
+    [
+        (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
+        (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
+        (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
+        (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
+        (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
+    ],
+)
 @pytest.mark.parametrize(
     "tiles",
     [
@@ -255,36 +249,6 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
     )  # fmt: skip
     for a, b in zip(triton_only, ws, strict=True):  # scores, slots, half indices, pair ranks
         assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel needs a Hopper GPU")
-@pytest.mark.parametrize("n,heads,half,n_keys,topk,same_keys", WS_SHAPES)
-@pytest.mark.parametrize("norm", [True, False])
-def test_query_topk_without_a_gradient_normalises_in_the_kernel_with_the_same_bits(
-    n, heads, half, n_keys, topk, same_keys, norm, monkeypatch
-):
-    # with no gradient to keep, the Gluon kernel reads the query as projected and normalises it
-    # in its registers (the recheck as it reads it): the bits of the pass that writes the
-    # normalised halves first, which a query that needs a gradient still takes
-    g = torch.Generator(device="cuda").manual_seed(n + norm)
-    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
-    q[:, :, half:] *= 0.25
-    k1, k2 = (
-        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
-        for _ in range(2)
-    )
-    if same_keys:
-        k1[:, 1:] = k1[:, :1]
-    weight = None
-    if norm:
-        weight = (torch.rand(2, half, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    monkeypatch.setattr(triton_topk.gluon_topk, "TAKES_PROJECTED", True)
-    assert triton_topk.reads_query_as_projected(q, k1, topk)
-    with torch.no_grad():
-        in_kernel = triton_topk.query_topk(q, k1, k2, topk, weight, softmax=True)
-    first = triton_topk.query_topk(q.clone().requires_grad_(), k1, k2, topk, weight, softmax=True)
-    for a, b in zip(first, in_kernel, strict=True):  # weights, slots
-        assert torch.equal(a.detach(), b)
 
 
 @pytest.mark.parametrize("bisect", [0, 3, 12])
@@ -413,10 +377,10 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
 
 
 def test_the_query_norm_gives_the_same_bits_whatever_the_order_of_its_sum():
-    # each half's sum of squares is taken in fp64 (``_inv_rms``), so that the Gluon kernel,
-    # which sums in another order, normalises to the same bits: permuting the dims of each half
-    # (and of the weight alike) permutes the output and changes nothing else. Checked in fp32
-    # too, where a sum in fp32 differs in its last bit for a good share of the rows
+    # each half's sum of squares is taken in fp64 (``_inv_rms``), so that the half kernel and
+    # the recheck, which sum in other orders, normalise to the pass's bits: permuting the dims
+    # of each half (and of the weight alike) permutes the output and changes nothing else.
+    # Checked in fp32 too, where a sum in fp32 differs in its last bit for a good share of rows
     n, heads, half = 40 * BIG, 3, 16
     q, _, _, weight = query_topk_inputs(n, heads, 8, half, seed=4)
     q[::3, :, : half // 2] *= 1e3  # rows whose dims span several orders of magnitude

@@ -33,14 +33,12 @@ which ``triton_topk.filter_candidates`` keeps the ones that reach it for the com
 Done in this kernel's tail, that filter left the multiprocessor idle (its one program there
 waited on its own loads); as a kernel of its own it costs little.
 
-Only for bf16 queries, half a multiple of 64 up to 256, n_keys a multiple of BLOCK_C and topk
-at most BLOCK_C; ``eligible`` says when. The loader reads the halves heads-first (the layout
-``triton_topk.normalise_query`` writes, (2, H, N, half)) or the query as projected (N, H,
-2 * half); with a norm weight the consumers apply the qk-norm to their query slices as they take
-them into registers (``_normed_query``), so that a top-k with no gradient to keep needs no pass
-over the query first. It gives the same bits as the Triton path (its products are the same
-warpgroup products, its qk-norm the normalising pass's). Gluon has no CPU interpreter: the
-tests of this path run on the GPU.
+Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
+64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
+It gives the same bits as the Triton path (its products are the same warpgroup products). Gluon
+has no CPU interpreter: the tests of this path run on the GPU. (Taking the query as projected
+and rms-normalising each consumer's slices in its registers gave the pass's bits but no time:
+on an H100 the layer forward took as long as with the pass first; docs/BENCHMARKS.md.)
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
 0.24 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.12 against
@@ -70,7 +68,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from memslot.kernels.ptx import STORE_CANDIDATE, STORE_CANDIDATE_CONSTRAINTS
-from memslot.kernels.reference import RMS_EPS
 
 # TMA loads: ``async_load`` in newer Tritons, ``async_copy_global_to_shared`` before
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -261,40 +258,13 @@ def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok
 
 
 @gluon.jit
-def _normed_query(q_smem, norm_w_ptr, which, half, eps, C: gl.constexpr, KSPLIT: gl.constexpr,
-                  op_layout: gl.constexpr):  # fmt: skip
-    """Consumer C's query slices, rms-normalised over the half and scaled by row ``which`` of
-    norm_w, as register operands of the products: the bits of
-    ``triton_topk._query_norm_kernel`` (its sum of squares in fp64, exact whatever the order,
-    ``triton_topk._inv_rms``; the same products in fp32, rounded once)."""
-    layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SPLIT, 16]
-    )
-    squares = gl.zeros([ROWS], gl.float64, gl.SliceLayout(1, layout))
-    for j in gl.static_range(KSPLIT):
-        x = q_smem.index(C * KSPLIT + j).load(layout).to(gl.float64)
-        squares = squares + gl.sum(x * x, axis=1)
-    inv = gl.expand_dims(gl.rsqrt(squares.to(gl.float32) / half + eps), 1)
-    cols = gl.arange(0, SPLIT, layout=gl.SliceLayout(0, layout))
-    qa = ()
-    for j in gl.static_range(KSPLIT):
-        x = q_smem.index(C * KSPLIT + j).load(layout).to(gl.float32)
-        w = gl.load(norm_w_ptr + which * half + j * SPLIT + cols).to(gl.float32)
-        x = x * inv * gl.expand_dims(w, 0)
-        qa = qa + (gl.convert_layout(x.to(gl.bfloat16), op_layout),)
-    return qa
-
-
-@gluon.jit
 def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_ptr, bound_ptr,
-              norm_w_ptr, N, H, n_keys, half, eps, C: gl.constexpr, K: gl.constexpr,
-              WIDE: gl.constexpr,
+              N, H, n_keys, C: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              OVERLAP: gl.constexpr, NORM: gl.constexpr):  # fmt: skip
-    """Both passes for ROWS query rows: consumer C of the program's NUM_C (with NORM its query
-    slices rms-normalised first, ``_normed_query``). In pass one each
+              OVERLAP: gl.constexpr):  # fmt: skip
+    """Both passes for ROWS query rows: consumer C of the program's NUM_C. In pass one each
     chunk's products are waited for before its result is used. With OVERLAP pass two starts
     each chunk's products before it compacts the chunk before (its first chunk's during the
     bisection), the finished result moved to registers of its own (``_moved``): an earlier
@@ -318,9 +288,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
 
     mbarrier.wait(q_bar, 0)
     qa = ()
-    if NORM:
-        qa = _normed_query(q_smem, norm_w_ptr, which, half, eps, C, KSPLIT, op_layout)
-    elif Q_REG:
+    if Q_REG:
         for part in gl.static_range(KSPLIT):
             qa = qa + (q_smem.index(C * KSPLIT + part).load(op_layout),)
     group_max = gl.full([ROWS, BLOCK_C], float("-inf"), gl.float32, acc_layout)
@@ -392,26 +360,18 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
 
 
 @gluon.jit
-def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H, n_keys, half,
+def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H, n_keys,
             BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
-            STOP: gl.constexpr, NUM_C: gl.constexpr, SAMPLE: gl.constexpr,
-            RAW: gl.constexpr):  # fmt: skip
-    """One warp, by TMA: the program's query rows once (from the heads-first halves
-    (2 * H * N, half), or with RAW from the query as projected, (N, H * 2 * half)), then the
-    first 1 / SAMPLE of the key chunks (pass one) and every chunk, those pass one skipped first
-    (pass two)."""
+            STOP: gl.constexpr, NUM_C: gl.constexpr, SAMPLE: gl.constexpr):  # fmt: skip
+    """One warp, by TMA: the program's query rows once, then the first 1 / SAMPLE of the key
+    chunks (pass one) and every chunk, those pass one skipped first (pass two)."""
     h = gl.program_id(1)
     which = gl.program_id(2)
-    if RAW:
-        q_row = gl.program_id(0) * (NUM_C * ROWS)
-        q_col = (h * 2 + which) * half
-    else:
-        q_row = (which * H + h) * N + gl.program_id(0) * (NUM_C * ROWS)
-        q_col = 0
+    q_row = (which * H + h) * N + gl.program_id(0) * (NUM_C * ROWS)
     mbarrier.expect(q_bar, NUM_C * KSPLIT * q_desc.block_type.nbytes)
     for c in gl.static_range(NUM_C):
         for j in gl.static_range(KSPLIT):
-            _tma_load(q_desc, [q_row + c * ROWS, q_col + j * SPLIT], q_bar,
+            _tma_load(q_desc, [q_row + c * ROWS, j * SPLIT], q_bar,
                       q_smem.index(c * KSPLIT + j))  # fmt: skip
     n_chunks = n_keys // BLOCK_C
     n_bound = n_chunks // SAMPLE
@@ -432,18 +392,15 @@ def _loader(q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
 
 
 @gluon.jit
-def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_ptr, norm_w_ptr,
-                         N, H, n_keys, half, eps, K: gl.constexpr, WIDE: gl.constexpr,
-                         BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
-                         BISECT: gl.constexpr, STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_ptr, N, H,
+                         n_keys, K: gl.constexpr, WIDE: gl.constexpr, BLOCK_C: gl.constexpr,
+                         KSPLIT: gl.constexpr, STAGES: gl.constexpr, BISECT: gl.constexpr,
+                         STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr, RAW: gl.constexpr,
-                         NORM: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
-    program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp. With RAW the query is
-    read as projected (``_loader``), with NORM each half rms-normalised and scaled by its row of
-    norm_w (2, half) by the consumers."""
+    program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k1_desc.dtype, [STAGES * KSPLIT, BLOCK_C, SPLIT],
                                        k1_desc.layout)  # fmt: skip
@@ -471,23 +428,23 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 0, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 1, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 2, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 3, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, half, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE, RAW)),
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
             [4, 4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
@@ -496,15 +453,15 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 0, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 1, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, half, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE, RAW)),
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -513,41 +470,31 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
-                             late_ptr, bound_ptr, norm_w_ptr, N, H, n_keys, half, eps, 0, K, WIDE,
+                             late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP, NORM)),
+                             SAMPLE, OVERLAP)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
-                           n_keys, half, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE, RAW)),
+                           n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
             [1],
             [LOADER_REGS],
         )  # fmt: skip
 
 
-# whether the kernel takes the query as projected (``query_rows``), and with it the qk-norm
-# of a top-k with no gradient to keep (``triton_topk.reads_query_as_projected``). Off until its
-# GPU test has passed on a Hopper GPU (tests/test_kernels_triton.py, "without_a_gradient",
-# which turns it on): the kernel compiles for sm_90a, the Triton kernels' share of the path is
-# tested under the interpreter, and this kernel's has not run yet
-TAKES_PROJECTED = False
-
-
-def query_rows(q1: torch.Tensor, q2: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """The 2-D tensor the kernel reads the query halves (N, H, half) from by TMA, and whether
-    it is the query as projected: (2 * H * N, half) where they are views of one contiguous
-    (2, H, N, half) tensor (heads first, ``normalise_query``'s output), (N, H * 2 * half)
-    where they are the two halves of one contiguous query (N, H, 2 * half) and
-    ``TAKES_PROJECTED``; None otherwise, or where the rows do not start at a 16-byte boundary."""
+def query_rows(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D tensor (2 * H * N, half) the kernel reads the query halves (N, H, half) from by
+    TMA, where they are views of one contiguous (2, H, N, half) tensor (heads first,
+    ``normalise_query``'s output) at a 16-byte boundary; None otherwise."""
     N, H, half = q1.shape
-    if q1.stride(-1) != 1 or q2.stride() != q1.stride() or q1.data_ptr() % 16:
-        return None
     size = q1.element_size()
-    if q1.stride() == (half, N * half, 1) and q2.data_ptr() == q1.data_ptr() + H * N * half * size:
-        return q1.as_strided((2 * H * N, half), (half, 1)), False
-    projected = q1.stride() == (H * 2 * half, 2 * half, 1)
-    if TAKES_PROJECTED and projected and q2.data_ptr() == q1.data_ptr() + half * size:
-        return q1.as_strided((N, H * 2 * half), (H * 2 * half, 1)), True
-    return None
+    if (
+        q1.stride() != (half, N * half, 1)
+        or q2.stride() != q1.stride()
+        or q1.data_ptr() % 16
+        or q2.data_ptr() != q1.data_ptr() + H * N * half * size
+    ):
+        return None
+    return q1.as_strided((2 * H * N, half), (half, 1))
 
 
 def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
@@ -591,16 +538,12 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  stages: int = 4, bisect: int = 6, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, overlap: bool | None = None,
-                 norm_weight: torch.Tensor | None = None, eps: float = RMS_EPS):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
     places), and bound (2, H, N) fp32 receives each row's bound from every chunk's group
-    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it. With
-    norm_weight (2, half) the halves (as ``query_rows`` takes them) are rms-normalised and
-    scaled by it in the kernel, as ``triton_topk.normalise_query`` would (the same bits); that
-    needs q_reg.
+    maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
@@ -635,13 +578,10 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                          "next chunk's products)")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
-    if norm_weight is not None and not q_reg:
-        raise ValueError("norm_weight needs q_reg (the normalised slices are register operands)")
-    layout = query_rows(q1, q2)
-    if layout is None:
-        raise ValueError("the query halves must be views of one contiguous (2, H, N, half) or "
-                         "(N, H, 2 * half) tensor, at a 16-byte boundary")  # fmt: skip
-    rows, raw = layout
+    rows = query_rows(q1, q2)
+    if rows is None:
+        raise ValueError("the query halves must be views of one contiguous (2, H, N, half) "
+                         "tensor, at a 16-byte boundary")  # fmt: skip
     k1, k2 = (k.contiguous() for k in (keys1, keys2))
     k1, k2 = (k if k.data_ptr() % 16 == 0 else k.clone() for k in (k1, k2))  # TMA's alignment
     k1, k2 = k1.view(H * n_keys, half), k2.view(H * n_keys, half)
@@ -652,14 +592,12 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     k2_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_c, SPLIT_],
                                _layout(block_c))  # fmt: skip
     grid = ((N + consumers * ROWS_ - 1) // (consumers * ROWS_), H, 2)
-    norm = norm_weight is not None
     return _half_topk_ws_kernel[grid](
-        q_desc, k1_desc, k2_desc, scratch, late, late if bound is None else bound,
-        norm_weight.contiguous() if norm else late, N, H, n_keys, half, eps, K=topk, WIDE=wide,
+        q_desc, k1_desc, k2_desc, scratch, late, late if bound is None else bound, N, H, n_keys,
+        K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, RAW=raw, NORM=norm,
-        num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip

@@ -832,9 +832,9 @@ def product_key_topk_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
-    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the half
-    kernel (Triton or Gluon) and the recheck rms-normalise them and scale them by it as they
-    read them, with ``normalise_query``'s bits.
+    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the
+    Triton half kernel and the recheck rms-normalise them and scale them by it as they read
+    them, with ``normalise_query``'s bits (the Gluon kernel takes normalised halves only).
 
     ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
     key gradient is a product with).
@@ -879,20 +879,16 @@ def product_key_topk_forward(
     if ws_tiles is None:
         ws_tiles = _default_ws_tiles(n_keys) if WS_TILES is None else WS_TILES
     ws_tiles = dict(ws_tiles)
-    ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
-        q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
+    ws_ok = (normed_out is None and norm_weight is None and gluon_topk is not None
+             and gluon_topk.eligible(q1, q2, keys1, topk,
+                                     ws_tiles.get("block_c", gluon_topk.BLOCK_C_)))  # fmt: skip
     if ws is None:
         ws = later and ws_ok
     elif ws and not ws_ok:
         raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
-                         "half) tensor or the halves of one (N, H, 2 * half) query (no "
-                         "normed_out), half a multiple of 64 up to 256 and n_keys a multiple of "
-                         "the Gluon kernel's block_c")  # fmt: skip
-    if norm_weight is not None and ws and not ws_tiles.get("q_reg", True):
-        raise ValueError(
-            "norm_weight on the warp-specialised kernel needs q_reg (the query normalised in "
-            "its registers): normalise the query first, or give it other tiles"
-        )
+                         "half) tensor (no normed_out, no norm_weight: normalise the query "
+                         "first), half a multiple of 64 up to 256 and n_keys a multiple of the "
+                         "Gluon kernel's block_c")  # fmt: skip
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
@@ -916,8 +912,7 @@ def product_key_topk_forward(
             bound = torch.empty(2, H, N, dtype=torch.float32, device=device)
         LAUNCHED["ws"] = gluon_topk.half_topk_ws(q1, q2, keys1, keys2, stage, late, topk,
                                                  stage.shape[-1], stop=stop if stop < 3 else 0,
-                                                 bound=bound, norm_weight=norm_weight,
-                                                 **ws_tiles)  # fmt: skip
+                                                 bound=bound, **ws_tiles)  # fmt: skip
         if bound is not None and stop != 1:
             LAUNCHED["filter"] = filter_candidates(stage, bound, scratch, late)
         if stop in (1, 2):  # late holds each row's bound (stop 1) or its candidate count
@@ -1124,8 +1119,8 @@ def _inv_rms(x, half, eps):
     """(mean(x**2) + eps)**-1/2 of each row of x (R, D) fp32, zeros past ``half``: the sum of
     squares taken in fp64 and rounded once to fp32. Of bf16 values the squares and their sum are
     exact in fp64 (wherever a row's values span less than 2**14), so the result does not depend
-    on the order of the sum: every kernel that normalises a query (this module's and the Gluon
-    kernel's, each reducing in its own layout) gets the same bits. (Past that span, and for fp32
+    on the order of the sum: every kernel that normalises a query (the pass, the half kernel
+    and the recheck, each reducing in its own layout) gets the same bits. (Past that span, and for fp32
     values, two orders differ only where fp64's last bits decide the fp32 rounding.)"""
     x64 = x.to(tl.float64)
     return tl.rsqrt(tl.sum(x64 * x64, axis=1).to(tl.float32) / half + eps)
@@ -1170,20 +1165,19 @@ def _query_norm_kernel(
 def reads_query_as_projected(q: torch.Tensor, keys1: torch.Tensor, topk: int) -> bool:
     """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward reads q as
     projected and leaves the qk-norm to the kernels that score it (``product_key_topk_forward``'s
-    norm_weight), with no pass over the query first: for a contiguous q, always where the
-    Triton half kernel scores it (it reads any layout); where the warp-specialised kernel does
-    (keys1 in q's dtype), only if it takes the query as projected
-    (``gluon_topk.TAKES_PROJECTED``) and holds its slices in registers (the default tiles)."""
+    norm_weight), with no pass over the query first: for a contiguous q where the Triton half
+    kernel scores it (it reads any layout). Where the warp-specialised kernel would (keys1 in
+    q's dtype), the pass runs first: with that kernel normalising the query in its registers
+    instead, the layer forward took the same time on an H100 (docs/BENCHMARKS.md)."""
     if not q.is_contiguous() or q.dim() != 3:
         return False
     if gluon_topk is None:
         return True
     tiles = _default_ws_tiles(keys1.shape[1]) if WS_TILES is None else WS_TILES
     half = q.shape[-1] // 2
-    q1, q2 = q[..., :half], q[..., half:]
-    if not gluon_topk.takes(q1, keys1, topk, tiles.get("block_c", gluon_topk.BLOCK_C_)):
-        return True  # the Triton half kernel scores it
-    return tiles.get("q_reg", True) and gluon_topk.query_rows(q1, q2) is not None
+    return not gluon_topk.takes(
+        q[..., :half], keys1, topk, tiles.get("block_c", gluon_topk.BLOCK_C_)
+    )
 
 
 def normalise_query(q: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
