@@ -122,18 +122,17 @@ def run_the_kernels() -> None:
         k1 = torch.randn(heads, n_keys, half, generator=g).to(dtype)
         k2 = torch.randn(heads, n_keys, half, generator=g).to(dtype)
         weight = (1 + 0.1 * torch.randn(2, half, generator=g)).to(dtype)
-        with torch.no_grad():  # serving: the query read as projected, normalised where read
+        with torch.no_grad():  # serving: nothing kept for a backward
             triton_topk.query_topk(q, k1, k2, topk, weight, softmax=True)
         qg = q.clone().requires_grad_()  # training: the normalising pass, then the gradients
         w, _ = triton_topk.query_topk(qg, k1, k2, topk, weight, softmax=True)
         w.float().sum().backward()
         tied = k1.clone()
         tied[:, 1:] = tied[:, :1]  # every score of a row ties: the recheck ranks the rows
-        for norm in (weight, None):
-            triton_topk.product_key_topk_forward(
-                q[..., :half], q[..., half:], tied, k2, topk, save_for_backward=True,
-                recheck=True, norm_weight=norm, block_c=16, cap=16, wide=16,
-            )  # fmt: skip
+        triton_topk.product_key_topk_forward(
+            q[..., :half], q[..., half:], tied, k2, topk, save_for_backward=True, recheck=True,
+            block_c=16, cap=16, wide=16,
+        )  # fmt: skip
     stage = torch.randint(-(2**40), 2**40, (2, heads, n, 64), generator=g)
     bound = torch.zeros(2, heads, n)
     scratch = torch.zeros(2, heads, n, 16, dtype=torch.int64)

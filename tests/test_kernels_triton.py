@@ -208,7 +208,7 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         (16384, 4, 256, 1024, 32, False),  # the benchmark's shape
         (1000, 2, 128, 256, 16, False),  # a last block of 104 rows
         (333, 3, 64, 128, 1, False),  # k = 1, one 64-wide slice of the head dimension
-        (4096, 4, 256, 4096, 32, False),  # pass one over a quarter of the sub-keys
+        (4096, 4, 256, 4096, 32, False),
         (700, 2, 256, 1024, 32, True),  # every score of a row tied: every block rechecked
     ],
 )
@@ -374,74 +374,6 @@ def test_query_topk_matches_the_reference_with_and_without_qk_norm(
     for got, want in zip(got_grads, want_grads, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-def test_the_query_norm_gives_the_same_bits_whatever_the_order_of_its_sum():
-    # each half's sum of squares is taken in fp64 (``_inv_rms``), so that the half kernel and
-    # the recheck, which sum in other orders, normalise to the pass's bits: permuting the dims
-    # of each half (and of the weight alike) permutes the output and changes nothing else.
-    # Checked in fp32 too, where a sum in fp32 differs in its last bit for a good share of rows
-    n, heads, half = 40 * BIG, 3, 16
-    q, _, _, weight = query_topk_inputs(n, heads, 8, half, seed=4)
-    q[::3, :, : half // 2] *= 1e3  # rows whose dims span several orders of magnitude
-    g = torch.Generator().manual_seed(4)
-    perm = torch.randperm(half, generator=g).to(DEVICE)
-    both = torch.cat([perm, perm + half])
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = q.to(dtype), weight.to(dtype)
-        want = triton_topk.normalise_query(x, w)
-        got = triton_topk.normalise_query(x[..., both].contiguous(), w[:, perm].contiguous())
-        assert torch.equal(got, want[..., perm]), dtype
-
-
-@pytest.mark.parametrize(
-    "n,heads,n_keys,half,topk,tiles,norm,dtype,rechecks",
-    [
-        (20 * BIG, 2, 40, 8, 5, {}, True, torch.float32, (False, True)),
-        (20 * BIG, 2, 40, 8, 5, {}, True, torch.bfloat16, (False, True)),
-        (20 * BIG, 2, 40, 8, 5, {}, False, torch.bfloat16, (False, True)),
-        # the first half's sub-keys all alike: every row's 40 scores tie, past its 16 places,
-        # so every block of that half goes to the recheck
-        (6, 2, 40, 8, 8, dict(block_c=16, cap=16, wide=16), True, torch.bfloat16, (True,)),
-    ],
-)
-def test_the_kernels_normalise_the_query_as_projected_with_the_passs_bits(
-    n, heads, n_keys, half, topk, tiles, norm, dtype, rechecks
-):
-    # q as projected (the halves of one (n, heads, 2 * half) tensor) with norm_weight: the half
-    # kernel and the recheck normalise each row as they load it, with the bits of the pass that
-    # writes the normalised halves first (which a query that needs a gradient still takes)
-    q, k1, k2, weight = query_topk_inputs(n, heads, n_keys, half, seed=n + half, dtype=dtype)
-    if tiles:
-        k1[:, 1:] = k1[:, :1]
-    weight = weight if norm else None
-    normed = triton_topk.normalise_query(q, weight)
-    for recheck in rechecks:
-        first = triton_topk.product_key_topk_forward(
-            normed[0].transpose(0, 1), normed[1].transpose(0, 1), k1, k2, topk,
-            save_for_backward=True, recheck=recheck, **tiles,
-        )  # fmt: skip
-        as_read = triton_topk.product_key_topk_forward(
-            q[..., :half], q[..., half:], k1, k2, topk, save_for_backward=True,
-            recheck=recheck, norm_weight=weight, **tiles,
-        )  # fmt: skip
-        for a, b in zip(first, as_read, strict=True):  # scores, slots, half indices, ranks
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("norm", [True, False])
-def test_query_topk_without_a_gradient_reads_the_query_as_projected(norm):
-    # no gradient to keep: no normalising pass (the kernels normalise as they read), the same
-    # weights and slots as a query that keeps its gradient
-    q, k1, k2, weight = query_topk_inputs(20 * BIG, 2, 40, 8, seed=11)
-    weight = weight if norm else None
-    assert triton_topk.reads_query_as_projected(q, k1, 5)
-    assert not triton_topk.reads_query_as_projected(q.transpose(0, 1), k1, 5)  # not contiguous
-    with torch.no_grad():
-        as_read = triton_topk.query_topk(q, k1, k2, 5, weight, softmax=True)
-    first = triton_topk.query_topk(q.clone().requires_grad_(), k1, k2, 5, weight, softmax=True)
-    for a, b in zip(first, as_read, strict=True):
-        assert torch.equal(a.detach(), b)
 
 
 def test_query_norm_pass_writes_the_normalised_halves_heads_first():

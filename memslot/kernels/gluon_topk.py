@@ -37,8 +37,8 @@ Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half 
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
 It gives the same bits as the Triton path (its products are the same warpgroup products). Gluon
 has no CPU interpreter: the tests of this path run on the GPU. (Taking the query as projected
-and rms-normalising each consumer's slices in its registers gave the pass's bits but no time:
-on an H100 the layer forward took as long as with the pass first; docs/BENCHMARKS.md.)
+and rms-normalising each consumer's slices in its registers, with no pass first, gave the
+pass's bits but no time: on an H100 the layer forward took as long; docs/BENCHMARKS.md.)
 
 On an H200 at 16,384 tokens x 4 heads, half 256, top-32 (``bench/topk_ws.py``): both passes
 0.24 ms against 0.45 for the Triton half kernel at 1,024 sub-keys (pass one 0.12 against

@@ -305,13 +305,9 @@ def _half_topk_kernel(
     SCAN: tl.constexpr = 0,
     late_ptr=None,
     LATER: tl.constexpr = False,
-    norm_w_ptr=None,
-    eps=0.0,
-    NORM: tl.constexpr = False,
 ):
     """Top-K sub-keys of one half of one head for BLOCK_N rows, descending, into
-    half_s / half_i (2, N, H, K). With NORM the query halves are as projected, and each row is
-    rms-normalised and scaled by its row of norm_w first (``_query_norm_kernel``'s bits).
+    half_s / half_i (2, N, H, K).
 
     Threshold select in two passes over the sub-keys, each chunk scored by one matrix product:
     1. the max of each group of sub-keys c = g (mod BLOCK_C), elementwise across chunks; a value
@@ -345,8 +341,6 @@ def _half_topk_kernel(
         mask=row_mask[:, None] & (d < half)[None, :],
         other=0.0,
     )
-    if NORM:
-        q = _normalised(q, norm_w_ptr, which, d, half, eps).to(q1_ptr.dtype.element_ty)
     if SAVE_Q:
         qn_rows = ((which * H + h) * N + rows).to(tl.int64) * half
         tl.store(qn_ptr + qn_rows[:, None] + d[None, :], q,
@@ -434,16 +428,13 @@ def _recheck_kernel(
     K: tl.constexpr, KP: tl.constexpr, WIDE: tl.constexpr, HALF_P2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr,
     TURNS: tl.constexpr = 1,
-    norm_w_ptr=None, eps=0.0, NORM: tl.constexpr = False,
 ):  # fmt: skip
     """After a half kernel that left each row's candidate count in late (2, H, N) (-1: ranked
     by it): the blocks of BLOCK_N rows with a row out of [K, WIDE] (fewer candidates than K, or
     more than its scratch places: ties at the bound) are ranked here by the exact top-k network
     over every chunk, and their rows marked -1 in late. A few programs stride over all
     2 x H x n_blocks blocks, at most TURNS each: in the common case each reads the counts of
-    all its blocks by one load and is done. With NORM the query halves are as projected, and
-    each is rms-normalised and scaled by its row of norm_w here (``_query_norm_kernel``'s
-    bits) before it is scored."""
+    all its blocks by one load and is done."""
     kcol = tl.arange(0, KP)
     ccol = tl.arange(0, BLOCK_C)
     d = tl.arange(0, HALF_P2)
@@ -472,8 +463,6 @@ def _recheck_kernel(
             )  # fmt: skip
             q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :],
                         mask=row_mask[:, None] & (d < half)[None, :], other=0.0)  # fmt: skip
-            if NORM:
-                q = _normalised(q, norm_w_ptr, which, d, half, eps).to(q1_ptr.dtype.element_ty)
             if IEEE:
                 q = q.to(tl.float32)
             best = _rank_every_chunk(q, keys_ptr, stride_kk, ccol, d, n_keys, half, BLOCK_N, KP,
@@ -828,13 +817,8 @@ def product_key_topk_forward(
     ws_tiles: dict | None = None,
     recheck: bool = False,
     softmax: bool = False,
-    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
-
-    ``norm_weight`` (2, half), when given: q1 and q2 are the halves as projected, and the
-    Triton half kernel and the recheck rms-normalise them and scale them by it as they read
-    them, with ``normalise_query``'s bits (the Gluon kernel takes normalised halves only).
 
     ``normed_out`` (2, H, N, half), when given, receives the query halves heads-first (what the
     key gradient is a product with).
@@ -879,16 +863,14 @@ def product_key_topk_forward(
     if ws_tiles is None:
         ws_tiles = _default_ws_tiles(n_keys) if WS_TILES is None else WS_TILES
     ws_tiles = dict(ws_tiles)
-    ws_ok = (normed_out is None and norm_weight is None and gluon_topk is not None
-             and gluon_topk.eligible(q1, q2, keys1, topk,
-                                     ws_tiles.get("block_c", gluon_topk.BLOCK_C_)))  # fmt: skip
+    ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
+        q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
     if ws is None:
         ws = later and ws_ok
     elif ws and not ws_ok:
         raise ValueError("ws needs a Hopper GPU, bf16 halves that are views of one (2, H, N, "
-                         "half) tensor (no normed_out, no norm_weight: normalise the query "
-                         "first), half a multiple of 64 up to 256 and n_keys a multiple of the "
-                         "Gluon kernel's block_c")  # fmt: skip
+                         "half) tensor (no normed_out), half a multiple of 64 up to 256 and "
+                         "n_keys a multiple of the Gluon kernel's block_c")  # fmt: skip
     if (ws or recheck) and not later:
         raise ValueError("the warp-specialised half kernel and the recheck leave the ranking to "
                          "the combine kernel: they need later")  # fmt: skip
@@ -930,7 +912,6 @@ def product_key_topk_forward(
             EVEN=even, IEEE=ieee, STOP=stop if stop < 3 else 0,
             SCAN=tiles["scan"] if scan is None else scan,
             SAVE_Q=normed_out is not None, late_ptr=late, LATER=later,
-            norm_w_ptr=norm_weight, eps=RMS_EPS, NORM=norm_weight is not None,
             num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"],
         )  # fmt: skip
     if (ws or recheck) and stop in (0, 3):
@@ -946,7 +927,6 @@ def product_key_topk_forward(
             K=topk, KP=kp, WIDE=wide, HALF_P2=half_p2, BLOCK_N=block_n, BLOCK_C=block_c,
             EVEN=even, IEEE=ieee,
             TURNS=_next_pow2(triton.cdiv(2 * H * n_blocks, programs), 1),
-            norm_w_ptr=norm_weight, eps=RMS_EPS, NORM=norm_weight is not None,
             num_warps=tiles["num_warps"],
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
@@ -1002,22 +982,19 @@ def _score_grads(
     return dq, dk
 
 
-def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None, softmax=False,
-                          norm_weight=None):  # fmt: skip
+def _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed=None, softmax=False):
     """The fused forward (with ``softmax``, the scores turned into weights); returns what
     ``_backward_of_scores`` needs when a gradient is needed (else None). ``normed``
     (2, H, N, half): the query halves heads-first, of which q1 and q2 are views; otherwise the
-    kernel writes them there. ``norm_weight``: q1 and q2 are the halves as projected, which the
-    kernels normalise (no gradient, ``product_key_topk_forward``)."""
+    kernel writes them there."""
     needs_grad = any(ctx.needs_input_grad)
     N, H, half = q1.shape
     out = None
     if needs_grad and normed is None:
         normed = out = torch.empty(2, H, N, half, dtype=q1.dtype, device=q1.device)
     scores, slots, half_idx, pair_rank = product_key_topk_forward(
-        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out,
-        softmax=softmax, norm_weight=norm_weight,
-    )  # fmt: skip
+        q1, q2, keys1, keys2, topk, save_for_backward=needs_grad, normed_out=out, softmax=softmax
+    )
     ctx.mark_non_differentiable(slots)
     ctx.n_keys = keys1.shape[1]
     ctx.key_dtypes = (keys1.dtype, keys2.dtype)
@@ -1060,22 +1037,12 @@ class QueryTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys1, keys2, norm_weight, topk: int, softmax: bool = False):  # noqa: D102
-        ctx.softmax = softmax
-        if not any(ctx.needs_input_grad):
-            keys1, keys2 = keys1.to(q.dtype), keys2.to(q.dtype)
-            if reads_query_as_projected(q, keys1, topk):
-                # the half kernel reads q as projected and normalises it as it loads it: no
-                # pass over the query first, nothing kept for a backward
-                half = q.shape[-1] // 2
-                out, slots, _ = _forward_for_autograd(ctx, q[..., :half], q[..., half:], keys1,
-                                                      keys2, topk, None, softmax,
-                                                      norm_weight)  # fmt: skip
-                return out, slots
         # one pass writes the normalised halves heads-first: the top-k kernel reads each head's
         # rows contiguously and the key gradient is a plain batched product with them
         normed = normalise_query(q, norm_weight)  # (2, H, N, half)
         q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)  # (N, H, half) views
         out, slots, saved = _forward_for_autograd(ctx, q1, q2, keys1, keys2, topk, normed, softmax)
+        ctx.softmax = softmax
         if saved is not None:
             ctx.save_for_backward(q, norm_weight, out if softmax else None, *saved)
         return out, slots
@@ -1115,27 +1082,6 @@ def _query_rows(which, R, H, N, half, stride_qn, stride_qh, HALF_P2: tl.constexp
 
 
 @triton.jit
-def _inv_rms(x, half, eps):
-    """(mean(x**2) + eps)**-1/2 of each row of x (R, D) fp32, zeros past ``half``: the sum of
-    squares taken in fp64 and rounded once to fp32. Of bf16 values the squares and their sum are
-    exact in fp64 (wherever a row's values span less than 2**14), so the result does not depend
-    on the order of the sum: every kernel that normalises a query (the pass, the half kernel
-    and the recheck, each reducing in its own layout) gets the same bits. (Past that span, and for fp32
-    values, two orders differ only where fp64's last bits decide the fp32 rounding.)"""
-    x64 = x.to(tl.float64)
-    return tl.rsqrt(tl.sum(x64 * x64, axis=1).to(tl.float32) / half + eps)
-
-
-@triton.jit
-def _normalised(q, norm_w_ptr, which, d, half, eps):
-    """Rows of query half ``which`` (R, HALF_P2, zeros past half), rms-normalised and scaled by
-    its row of norm_w, in fp32 (the caller rounds once): every kernel's qk-norm, one formula."""
-    x = q.to(tl.float32)
-    w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-    return x * _inv_rms(x, half, eps)[:, None] * w[None, :]
-
-
-@triton.jit
 def _query_norm_kernel(
     q_ptr,
     norm_w_ptr,
@@ -1158,26 +1104,10 @@ def _query_norm_kernel(
                                                 HALF_P2, BLOCK_R)  # fmt: skip
     x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        x = _normalised(x, norm_w_ptr, which, d, half, eps)
+        w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
+        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
+        x = x * rms[:, None] * w[None, :]
     tl.store(out_ptr + heads_first[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask)
-
-
-def reads_query_as_projected(q: torch.Tensor, keys1: torch.Tensor, topk: int) -> bool:
-    """Whether a top-k of q (N, H, k_dim) that keeps nothing for a backward reads q as
-    projected and leaves the qk-norm to the kernels that score it (``product_key_topk_forward``'s
-    norm_weight), with no pass over the query first: for a contiguous q where the Triton half
-    kernel scores it (it reads any layout). Where the warp-specialised kernel would (keys1 in
-    q's dtype), the pass runs first: with that kernel normalising the query in its registers
-    instead, the layer forward took the same time on an H100 (docs/BENCHMARKS.md)."""
-    if not q.is_contiguous() or q.dim() != 3:
-        return False
-    if gluon_topk is None:
-        return True
-    tiles = _default_ws_tiles(keys1.shape[1]) if WS_TILES is None else WS_TILES
-    half = q.shape[-1] // 2
-    return not gluon_topk.takes(
-        q[..., :half], keys1, topk, tiles.get("block_c", gluon_topk.BLOCK_C_)
-    )
 
 
 def normalise_query(q: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -1229,7 +1159,7 @@ def _query_grad_kernel(
     if NORM:
         x = tl.load(q_ptr + in_q[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(norm_w_ptr + which * half + d, mask=d < half, other=0.0).to(tl.float32)
-        rms = _inv_rms(x, half, eps)  # (BLOCK_R,)
+        rms = tl.rsqrt(tl.sum(x * x, axis=1) / half + eps)  # (BLOCK_R,)
         dw = tl.sum(g * x * rms[:, None], axis=0)  # (HALF_P2,)
         tl.store(dw_ptr + (tl.program_id(0) * 2 + which) * half + d, dw, mask=d < half)
         gw = g * w[None, :]
