@@ -499,15 +499,9 @@ def query_rows(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor | None:
 
 def eligible(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, topk: int,
              block_c: int = BLOCK_C_) -> bool:  # fmt: skip
-    """Whether the warp-specialised kernel can take these operands: ``takes`` them, the halves
-    laid out as ``query_rows`` reads them."""
-    return takes(q1, keys1, topk, block_c) and query_rows(q1, q2) is not None
-
-
-def takes(q1: torch.Tensor, keys1: torch.Tensor, topk: int, block_c: int = BLOCK_C_) -> bool:
-    """Whether the kernel takes a query half of q1's shape and dtype, whatever its layout: a
-    Hopper GPU, bf16 halves and keys, half a multiple of 64 up to 256, n_keys a multiple of
-    block_c, topk at most block_c (the group maxima the bound needs)."""
+    """Whether the warp-specialised kernel can take these operands: a Hopper GPU, bf16 halves
+    laid out as ``query_rows`` reads them, half a multiple of 64 up to 256, n_keys a multiple
+    of block_c, topk at most block_c (the group maxima the bound needs)."""
     if not q1.is_cuda or q1.dtype != torch.bfloat16 or keys1.dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(q1.device)[0] != 9:
@@ -515,7 +509,12 @@ def takes(q1: torch.Tensor, keys1: torch.Tensor, topk: int, block_c: int = BLOCK
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
     return (
-        half % SPLIT_ == 0 and half <= 256 and n_keys % block_c == 0 and topk <= block_c and N > 0
+        half % SPLIT_ == 0
+        and half <= 256
+        and n_keys % block_c == 0
+        and topk <= block_c
+        and N > 0
+        and query_rows(q1, q2) is not None
     )
 
 
