@@ -715,6 +715,33 @@ def test_memory_layer_trains_through_the_kernels_like_the_reference(
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gate_beside_the_lookup_gives_the_same_output(dtype, triton_backend_on_this_device):
+    # without autograd on a GPU the gate projection runs on a side stream beside the top-k:
+    # the same output, bit for bit, as in line, and the same lookups
+    from memslot.model.config import MemoryConfig
+    from memslot.model.memory import ProductKeyMemory
+
+    torch.manual_seed(1)
+    cfg = MemoryConfig(n_keys=256, heads=4, topk=32, k_dim=128, layers=(0,))
+    layer = ProductKeyMemory(256, 256, cfg, 0).to(DEVICE, dtype)
+    values = torch.randn(cfg.n_slots, 256, device=DEVICE, dtype=dtype)
+    x = torch.randn(3, 700, 256, device=DEVICE, dtype=dtype)
+    outputs = {}
+    try:
+        for beside in (False, True):
+            ProductKeyMemory.gate_beside_lookup = beside
+            with torch.no_grad():
+                y, lookup = layer(x, values)
+            torch.cuda.synchronize()
+            outputs[beside] = (y, lookup.slots, lookup.weights)
+    finally:
+        ProductKeyMemory.gate_beside_lookup = True
+    for a, b in zip(outputs[False], outputs[True], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_tensors_are_routed_to_the_triton_kernels():
     if os.environ.get("MEMSLOT_KERNELS", "").lower() == "reference":
         pytest.skip("MEMSLOT_KERNELS=reference keeps CUDA on the reference")

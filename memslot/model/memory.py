@@ -23,6 +23,9 @@ from memslot import kernels
 from memslot.kernels.reference import rms_normalise
 from memslot.model.config import MemoryConfig
 
+# one stream a GPU for the gate projection beside the lookup (``gate_beside_lookup``)
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
 
 @dataclass
 class Lookup:
@@ -58,6 +61,11 @@ class PatchedValues:
 
 
 class ProductKeyMemory(nn.Module):
+    # On a GPU with no gradient to record (serving, editing), the gate projection, which needs
+    # only x, runs on a stream of its own beside the lookup, filling the multiprocessors the
+    # top-k's last programs leave idle; the output is the same bit for bit.
+    gate_beside_lookup = True
+
     def __init__(self, d_model: int, value_dim: int, cfg: MemoryConfig, layer_index: int):
         super().__init__()
         self.cfg = cfg
@@ -110,6 +118,21 @@ class ProductKeyMemory(nn.Module):
         weights, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight, softmax=True)
         return slots, weights
 
+    def _lookup_and_gate(self, x: torch.Tensor, topk: int | None):
+        """``lookup``, with W_gate x computed on a side stream beside it (queued after the
+        lookup's kernels, so that its programs take the multiprocessors the top-k leaves)."""
+        main = torch.cuda.current_stream(x.device)
+        side = _SIDE_STREAMS.get(x.device)
+        if side is None:
+            side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+        side.wait_stream(main)  # x is ready
+        slots, weights = self.lookup(x, topk)
+        with torch.cuda.stream(side):
+            gate = self.gate(x)
+        main.wait_stream(side)
+        gate.record_stream(main)  # made on the side stream, read on the main one
+        return slots, weights, gate
+
     def read(
         self,
         x: torch.Tensor,
@@ -117,10 +140,14 @@ class ProductKeyMemory(nn.Module):
         slots: torch.Tensor,
         weights: torch.Tensor,
         sparse_grad: bool = False,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layer's output (..., D) for inputs x (..., D) that read ``slots`` with
-        ``weights`` (N, H, k), N being x's positions: W_out(silu(W_gate x) * bag)."""
-        gate = self.gate(x).reshape(slots.shape[0], -1)  # (N, Dv)
+        ``weights`` (N, H, k), N being x's positions: W_out(silu(W_gate x) * bag). ``gate``:
+        W_gate x, where the caller has it already."""
+        if gate is None:
+            gate = self.gate(x)
+        gate = gate.reshape(slots.shape[0], -1)  # (N, Dv)
         if isinstance(values, PatchedValues):
             bag = values.bag(slots.flatten(1), weights.flatten(1)).to(x.dtype)  # (N, Dv)
             memory = F.silu(gate) * bag
@@ -138,7 +165,11 @@ class ProductKeyMemory(nn.Module):
         topk: int | None = None,
     ) -> tuple[torch.Tensor, Lookup]:
         B, T, _ = x.shape
-        slots, weights = self.lookup(x, topk)  # (N, H, k)
-        y = self.read(x, values, slots, weights, sparse_grad)  # (B, T, D)
+        gate = None
+        if self.gate_beside_lookup and x.is_cuda and not torch.is_grad_enabled():
+            slots, weights, gate = self._lookup_and_gate(x, topk)
+        else:
+            slots, weights = self.lookup(x, topk)  # (N, H, k)
+        y = self.read(x, values, slots, weights, sparse_grad, gate)  # (B, T, D)
         hk = slots.shape[1:]
         return y, Lookup(self.layer_index, slots.view(B, T, *hk), weights.view(B, T, *hk))
