@@ -1211,3 +1211,108 @@ def query_topk(
     kernel turning each row's scores into its softmax; the Triton version of
     ``reference.query_topk``."""
     return QueryTopK.apply(q, keys1, keys2, norm_weight, topk, softmax)
+
+
+# whether ``projected_query_topk`` projects and normalises the query in one kernel where no
+# gradient is recorded (else the projection's matrix product, then the qk-norm pass)
+FUSED_PROJECTION = False
+
+
+@triton.jit
+def _project_query_kernel(
+    x_ptr, w_ptr, norm_w_ptr, out_ptr, N, D, H, half, eps, stride_xn, stride_wo,
+    HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """out (2, H, N, half) = the halves of x (N, D) @ w.T (w: (H * 2 * half, D), a head's
+    k_dim = 2 * half outputs together), each rounded to out's dtype as the projection's output
+    would be, then (NORM) rms-normalised and scaled by its row of norm_w in fp32 and rounded
+    once, as ``_query_norm_kernel`` does: BLOCK_M rows of one half of one head a program."""
+    j = tl.program_id(1)
+    h = j // 2
+    which = j % 2
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HALF_P2)
+    kk = tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    col_ok = cols < half
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    w_rows = w_ptr + (h * 2 * half + which * half + cols).to(tl.int64)[:, None] * stride_wo
+    acc = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + kk
+        k_ok = (k < D)[None, :]
+        a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+        b = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
+                         input_precision="ieee")  # fmt: skip
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    q = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection's own rounding
+    if NORM:
+        w = tl.load(norm_w_ptr + which * half + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rms = tl.rsqrt(tl.sum(q * q, axis=1) / half + eps)  # (BLOCK_M,)
+        q = q * rms[:, None] * w[None, :]
+    out = out_ptr + ((which * H + h) * N + rows.to(tl.int64))[:, None] * half + cols[None, :]
+    tl.store(out, q.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def project_query(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
+                  heads: int, block_m: int | None = None, block_k: int = 64,
+                  num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:  # fmt: skip
+    """The query halves heads-first (2, H, N, k_dim/2), rms-normalised by norm_weight (2,
+    k_dim/2) when given, of x (N, D) projected by weight (H * k_dim, D): what
+    ``normalise_query(F.linear(x, weight).view(N, H, k_dim), norm_weight)`` gives (up to the
+    order of the product's sums), in one kernel, the projection never written."""
+    N, D = x.shape
+    k_dim = weight.shape[0] // heads
+    if weight.shape != (heads * k_dim, D) or k_dim % 2:
+        raise ValueError(f"weight must be (heads * k_dim, D) with k_dim even, got "
+                         f"{tuple(weight.shape)} for {heads} heads and D = {D}")  # fmt: skip
+    half = k_dim // 2
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight ({weight.dtype}) must have x's dtype ({x.dtype})")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out = torch.empty(2, heads, N, half, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    half_p2 = _next_pow2(half, 16)
+    if block_m is None:  # registers for a (block_m, half_p2) fp32 accumulator
+        block_m = 128 if half_p2 <= 128 else 64
+    if _INTERPRETED:
+        block_m = 16
+    ieee = x.dtype == torch.float32 or _INTERPRETED
+    _project_query_kernel[(triton.cdiv(N, block_m), 2 * heads)](
+        x, weight, x if norm_weight is None else norm_weight.contiguous(), out, N, D, heads,
+        half, RMS_EPS, x.stride(0), weight.stride(0), HALF_P2=half_p2, BLOCK_M=block_m,
+        BLOCK_K=min(block_k, _next_pow2(D, 16)), NORM=norm_weight is not None, IEEE=ieee,
+        num_warps=num_warps or (8 if half_p2 >= 256 else 4), num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def projected_query_topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    heads: int,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    topk: int,
+    norm_weight: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query_topk`` of the queries x (N, D) @ weight.T viewed (N, H, k_dim). Where no
+    gradient is recorded and ``FUSED_PROJECTION`` holds, the projection and the qk-norm are one
+    kernel (``project_query``); otherwise the projection's matrix product, then
+    ``query_topk``."""
+    tracked = (x, weight, keys1, keys2, norm_weight)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+    if grad or not FUSED_PROJECTION or torch.is_autocast_enabled() or x.dtype != weight.dtype:
+        q = torch.nn.functional.linear(x, weight).view(x.shape[0], heads, -1)
+        return query_topk(q, keys1, keys2, topk, norm_weight, softmax)
+    normed = project_query(x, weight, norm_weight, heads)
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)  # (N, H, half) views
+    out, slots, _, _ = product_key_topk_forward(q1, q2, keys1, keys2, topk, softmax=softmax)
+    return out, slots
