@@ -124,9 +124,6 @@ def run_the_kernels() -> None:
         weight = (1 + 0.1 * torch.randn(2, half, generator=g)).to(dtype)
         with torch.no_grad():  # serving: nothing kept for a backward
             triton_topk.query_topk(q, k1, k2, topk, weight, softmax=True)
-            x = torch.randn(n, 24, generator=g).to(dtype)  # the query projection and qk-norm
-            triton_topk.project_query(x, torch.randn(heads * 2 * half, 24, generator=g).to(dtype),
-                                      weight, heads)  # fmt: skip
         qg = q.clone().requires_grad_()  # training: the normalising pass, then the gradients
         w, _ = triton_topk.query_topk(qg, k1, k2, topk, weight, softmax=True)
         w.float().sum().backward()

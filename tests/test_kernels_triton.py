@@ -662,63 +662,6 @@ def test_embedding_bag_on_an_empty_batch():
     assert grad_w.shape == (0, 3) and slots.numel() == 0 and rows.shape == (0, 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,heads,half,d,norm", [
-    (37 * BIG, 2, 16, 70, True),  # a last block of rows, D not a multiple of the K tile
-    (5, 3, 12, 16, False),  # half not a power of two, no norm weight
-    (1, 1, 8, 9, True),
-    (0, 2, 16, 32, True),  # an empty batch
-])  # fmt: skip
-def test_project_query_is_the_projection_then_the_qk_norm_pass(n, heads, half, d, norm, dtype):
-    g = torch.Generator().manual_seed(n + half)
-    x = torch.randn(n, d, generator=g).to(DEVICE, dtype)
-    weight = (torch.randn(heads * 2 * half, d, generator=g) / d**0.5).to(DEVICE, dtype)
-    norm_weight = (1 + 0.1 * torch.randn(2, half, generator=g)).to(DEVICE, dtype) if norm else None
-    got = triton_topk.project_query(x, weight, norm_weight, heads)
-    q = torch.nn.functional.linear(x, weight).view(n, heads, 2 * half)
-    want = triton_topk.normalise_query(q, norm_weight)
-    assert got.shape == (2, heads, n, half) and got.dtype == dtype
-    if n:
-        tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bf16: an ulp of the projection
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-        if norm:  # each half of each row has rms 1 before the norm weight's scale
-            rms = (got.float() / norm_weight.float()[:, None, None]).square().mean(-1).sqrt()
-            torch.testing.assert_close(rms, torch.ones_like(rms), atol=2e-2, rtol=0)
-    with pytest.raises(ValueError, match="heads \\* k_dim"):
-        triton_topk.project_query(x, weight[:-1], norm_weight, heads)
-
-
-@pytest.mark.parametrize("grad", [False, True])
-def test_projected_query_topk_fused_or_not_reads_the_same_slots(grad, monkeypatch):
-    n, heads, n_keys, half, topk, d = 9 * BIG, 2, 24, 8, 4, 40
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(n, d, generator=g).to(DEVICE)
-    weight = torch.randn(heads * 2 * half, d, generator=g).to(DEVICE)
-    k1, k2 = (torch.randn(heads, n_keys, half, generator=g).to(DEVICE) for _ in range(2))
-    norm_weight = (1 + 0.1 * torch.randn(2, half, generator=g)).to(DEVICE)
-    if grad:
-        weight.requires_grad_()
-    results, calls, real = {}, [], triton_topk.project_query
-    monkeypatch.setattr(triton_topk, "project_query", lambda *a: calls.append(1) or real(*a))
-    for fused in (False, True):
-        monkeypatch.setattr(triton_topk, "FUSED_PROJECTION", fused)
-        calls.clear()
-        results[fused] = triton_topk.projected_query_topk(x, weight, heads, k1, k2, topk,
-                                                          norm_weight, softmax=True)  # fmt: skip
-        # the fused kernel only where no gradient is recorded
-        assert len(calls) == (1 if fused and not grad else 0)
-    (w0, s0), (w1, s1) = results[False], results[True]
-    assert torch.equal(s0, s1)
-    torch.testing.assert_close(w0, w1, atol=1e-5, rtol=1e-5)
-    want_w, want_s = reference.projected_query_topk(x, weight, heads, k1, k2, topk, norm_weight,
-                                                    softmax=True)  # fmt: skip
-    assert torch.equal(s1.sort(-1).values, want_s.sort(-1).values)
-    torch.testing.assert_close(w1.sort(-1).values, want_w.sort(-1).values, atol=1e-5, rtol=1e-5)
-    if grad:  # the unfused path: the gradient reaches the projection's weight
-        w1.square().sum().backward()
-        assert weight.grad is not None and weight.grad.abs().sum() > 0
-
-
 @pytest.fixture()
 def triton_backend_on_this_device():
     """Route this device's tensors to the Triton kernels (on a CPU: through the interpreter)."""
@@ -726,7 +669,6 @@ def triton_backend_on_this_device():
     kernels.register_backend(
         DEVICE,
         query_topk=triton_topk.query_topk,
-        projected_query_topk=triton_topk.projected_query_topk,
         product_key_topk=triton_topk.product_key_topk,
         embedding_bag=triton_bag.embedding_bag,
     )
@@ -807,7 +749,6 @@ def test_cuda_tensors_are_routed_to_the_triton_kernels():
     assert kernels._pick("embedding_bag", probe) is triton_bag.embedding_bag
     assert kernels._pick("product_key_topk", probe) is triton_topk.product_key_topk
     assert kernels._pick("query_topk", probe) is triton_topk.query_topk
-    assert kernels._pick("projected_query_topk", probe) is triton_topk.projected_query_topk
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The one dispatch point for memory-layer kernels.
 
-The model calls ``projected_query_topk`` (its query projection, then ``query_topk``:
-``product_key_topk`` of a query's two halves, qk-norm included) and ``embedding_bag`` from here. Tensors on CUDA go to the Triton kernels when a backend has
+The model calls ``query_topk`` (``product_key_topk`` of a query's two halves, qk-norm included)
+and ``embedding_bag`` from here. Tensors on CUDA go to the Triton kernels when a backend has
 been registered for them; everything else runs the pure-PyTorch reference in ``reference.py``,
 which is also the oracle the fast kernels are tested against.
 """
@@ -14,8 +14,8 @@ import torch
 
 from memslot.kernels import reference
 
-# device type -> {"query_topk": fn, "projected_query_topk": fn, "product_key_topk": fn,
-# "embedding_bag": fn}; filled by optional backends.
+# device type -> {"query_topk": fn, "product_key_topk": fn, "embedding_bag": fn}; filled by
+# optional backends.
 _BACKENDS: dict[str, dict[str, Callable]] = {}
 
 
@@ -52,23 +52,6 @@ def query_topk(
     slots), the weights each row's softmax over its scores in fp32. See
     ``reference.query_topk``."""
     return _pick("query_topk", q)(q, keys1, keys2, topk, norm_weight, softmax)
-
-
-def projected_query_topk(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    heads: int,
-    keys1: torch.Tensor,
-    keys2: torch.Tensor,
-    topk: int,
-    norm_weight: torch.Tensor | None = None,
-    softmax: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``query_topk`` of the queries x (N, D) @ weight.T viewed (N, H, k_dim): the layer's
-    query projection and its top-k, which a backend may fuse. See
-    ``reference.projected_query_topk``."""
-    fn = _pick("projected_query_topk", x)
-    return fn(x, weight, heads, keys1, keys2, topk, norm_weight, softmax)
 
 
 def embedding_bag(

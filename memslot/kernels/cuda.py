@@ -32,7 +32,6 @@ def register() -> bool:
     register_backend(
         "cuda",
         query_topk=triton_topk.query_topk,
-        projected_query_topk=triton_topk.projected_query_topk,
         product_key_topk=triton_topk.product_key_topk,
         embedding_bag=triton_bag.embedding_bag,
     )

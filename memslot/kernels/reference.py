@@ -72,22 +72,6 @@ def query_topk(
     return scores, slots
 
 
-def projected_query_topk(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    heads: int,
-    keys1: torch.Tensor,
-    keys2: torch.Tensor,
-    topk: int,
-    norm_weight: torch.Tensor | None = None,
-    softmax: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``query_topk`` of the queries x (N, D) @ weight.T (weight (H * k_dim, D), a head's k_dim
-    outputs together) viewed (N, H, k_dim)."""
-    q = F.linear(x, weight).view(x.shape[0], heads, -1)
-    return query_topk(q, keys1, keys2, topk, norm_weight, softmax)
-
-
 def brute_force_topk(
     q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,15 +109,13 @@ class ProductKeyMemory(nn.Module):
         """
         cfg = self.cfg
         topk = topk or cfg.topk
+        q = self.query(x).reshape(-1, cfg.heads, cfg.k_dim)  # (N, H, k_dim)
         keys1, keys2 = self.normalised_keys()  # (H, n_keys, k_dim/2) each
-        # softmax weights (fp32, as the paper prescribes) and slots (N, H, k) of the query
-        # W_q x's halves, each rms-normalised by query_norm_weight first (on CUDA by one pass
-        # that writes the halves heads-first for the top-k kernel, whose last kernel turns the
-        # scores into weights)
-        weights, slots = kernels.projected_query_topk(
-            x.reshape(-1, x.shape[-1]), self.query.weight, cfg.heads, keys1, keys2, topk,
-            self.query_norm_weight, softmax=True,
-        )  # fmt: skip
+        # softmax weights (fp32, as the paper prescribes) and slots (N, H, k) of q's halves, each
+        # rms-normalised by query_norm_weight first (on CUDA by one pass that writes the halves
+        # heads-first for the top-k kernel, whose last kernel turns the scores into weights)
+        norm_weight = self.query_norm_weight
+        weights, slots = kernels.query_topk(q, keys1, keys2, topk, norm_weight, softmax=True)
         return slots, weights
 
     def _lookup_and_gate(self, x: torch.Tensor, topk: int | None):
