@@ -251,6 +251,48 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not CUDA, reason="the PTX combine runs on a GPU (its emulator runs on the "
+                    "CPU: test_combine_ptx)")  # fmt: skip
+@pytest.mark.parametrize(
+    "n,heads,n_keys,half,topk,tiles",
+    [
+        (16384, 4, 1024, 256, 32, {}),  # the benchmark's shape (on Hopper: the Gluon kernel)
+        (4096, 4, 4096, 256, 32, {}),  # with a sampled bound, then the filter
+        (2000, 2, 300, 16, 9, {}),
+        (333, 3, 128, 64, 1, {}),  # k = 1
+        (500, 2, 200, 16, 20, dict(ws=False, bisect=3, wide=256)),  # rows past 64 places
+        (500, 2, 64, 8, 16, dict(ws=False, later=False)),  # ranked by the half kernel
+        (700, 2, 1024, 64, 32, dict(same_keys=True)),  # every score tied: every row rechecked
+        (0, 2, 64, 8, 8, {}),  # an empty batch
+    ],
+)
+def test_the_ptx_combine_gives_the_triton_combines_picks(n, heads, n_keys, half, topk, tiles):
+    tiles = dict(tiles)
+    same_keys = tiles.pop("same_keys", False)
+    g = torch.Generator(device="cuda").manual_seed(n + topk)
+    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    normed = triton_topk.normalise_query(q, None)  # the layout the Gluon kernel reads
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
+    k1, k2 = (torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+              for _ in range(2))  # fmt: skip
+    if same_keys:
+        k1[:, 1:] = k1[:, :1]
+    for softmax in (False, True):
+        ptx, plain = (
+            triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True,
+                                                 softmax=softmax, combine=c, **tiles)
+            for c in ("ptx", "triton")
+        )  # fmt: skip
+        for a, b in zip(ptx[1:], plain[1:], strict=True):  # slots, half indices, pair ranks
+            assert torch.equal(a, b)
+        if softmax:  # the sum in another order, one rounded division: an ulp or two
+            torch.testing.assert_close(ptx[0], plain[0], rtol=1e-5, atol=1e-7)
+            if n:
+                assert torch.allclose(ptx[0].sum(-1), torch.ones(n, heads, device="cuda"))
+        else:  # the fp32 sums, the same bits
+            assert torch.equal(ptx[0], plain[0])
+
+
 @pytest.mark.parametrize("bisect", [0, 3, 12])
 def test_fused_topk_is_exact_with_a_sorted_or_a_bisected_bound(bisect):
     # a sorted bound (0) or bisection (few steps: a looser bound, more candidates, fallbacks):

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memslot.kernels import combine_ptx
 from memslot.kernels.ptx import STORE_CANDIDATE, STORE_CANDIDATE_CONSTRAINTS
 from memslot.kernels.reference import RMS_EPS
 
@@ -701,6 +702,58 @@ def _combine_kernel(
 
 
 @triton.jit
+def _combine_rows_kernel(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, scores_ptr, slots_ptr,
+                         pair_rank_ptr, R, H, n_keys, K: tl.constexpr, WIDE: tl.constexpr,
+                         ROWS: tl.constexpr, RANK: tl.constexpr, ASM: tl.constexpr,
+                         CONSTRAINTS: tl.constexpr):  # fmt: skip
+    """The combine kernel's work (RANK: with each half ranked first) one (token, head) row a
+    thread, by the generated PTX of ``combine_ptx``: ROWS rows a program, 32 a warp."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < R
+    rows = tl.where(ok, rows, 0).to(tl.int64)  # every address in bounds
+    N = R // H
+    line1 = (rows % H) * N + rows // H  # (which, h, n) in late and scratch
+    line2 = line1 + H * N
+    if RANK:
+        count1 = tl.load(late_ptr + line1, mask=ok, other=0)
+        count2 = tl.load(late_ptr + line2, mask=ok, other=0)
+    else:  # every row's halves sorted in half_s / half_i already
+        count1 = tl.full([ROWS], -1, tl.int32)
+        count2 = count1
+    off = rows * K
+    tl.inline_asm_elementwise(
+        ASM, CONSTRAINTS,
+        [ok.to(tl.int32), count1, count2,
+         (scratch_ptr + line1 * WIDE).to(tl.int64, bitcast=True),
+         (scratch_ptr + line2 * WIDE).to(tl.int64, bitcast=True),
+         (half_s_ptr + off).to(tl.int64, bitcast=True),
+         (half_s_ptr + R * K + off).to(tl.int64, bitcast=True),
+         (half_i_ptr + off).to(tl.int64, bitcast=True),
+         (half_i_ptr + R * K + off).to(tl.int64, bitcast=True),
+         (scores_ptr + off).to(tl.int64, bitcast=True),
+         (slots_ptr + off).to(tl.int64, bitcast=True),
+         (pair_rank_ptr + off).to(tl.int64, bitcast=True),
+         (pair_rank_ptr + R * K + off).to(tl.int64, bitcast=True),
+         tl.full([ROWS], 0, tl.int32) + n_keys],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+def combine_rows(half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys: int,
+                 topk: int, kp: int, rank: bool, softmax: bool, save: bool,
+                 warps: int = 4):  # fmt: skip
+    """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk)."""
+    N, H, _ = scores.shape
+    rows = 32 * warps
+    return _combine_rows_kernel[(triton.cdiv(N * H, rows),)](
+        half_s, half_idx, scratch, late, scores, slots, pair_rank, N * H, H, n_keys,
+        K=topk, WIDE=scratch.shape[-1], ROWS=rows, RANK=rank,
+        ASM=combine_ptx.combine_asm(topk, kp, scratch.shape[-1], softmax, save),
+        CONSTRAINTS=combine_ptx.CONSTRAINTS_, num_warps=warps,
+    )  # fmt: skip
+
+
+@triton.jit
 def _half_score_grad_kernel(
     grad_ptr,
     half_idx_ptr,
@@ -750,6 +803,11 @@ def _half_score_grad_kernel(
 def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, x)))
 
+
+# the combine kernel where the caller names none ("ptx" or "triton"; None: "ptx" on a GPU
+# where ``combine_ptx`` takes the shape) and the warps of the PTX one's programs (32 rows each)
+COMBINE: str | None = None
+COMBINE_PTX_WARPS = 4
 
 # the warp-specialised kernel's tiles where the caller names none, for every n_keys
 # (``gluon_topk.half_topk_ws``'s keyword arguments; a benchmark sets it to compare); None:
@@ -817,6 +875,8 @@ def product_key_topk_forward(
     ws_tiles: dict | None = None,
     recheck: bool = False,
     softmax: bool = False,
+    combine: str | None = None,
+    combine_ptx_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(scores, slots, half_idx, pair_rank); see ``reference.product_key_topk``.
 
@@ -830,7 +890,10 @@ def product_key_topk_forward(
     sub-keys each half kept and pair_rank (2, N, H, topk) int32 the half-ranks each pick
     combined; otherwise both are None. The other arguments choose tiles (benchmarks sweep them);
     ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
-    and returns garbage (timing). ``later`` ranks each half's candidates in the combine kernel
+    and returns garbage (timing). ``combine`` "ptx" (default on a GPU, where
+    ``combine_ptx`` takes the tiles) combines one row a thread by ``_combine_rows_kernel``,
+    "triton" by ``_combine_kernel`` (rows spread over a warp's lanes; ``combine_rows`` and
+    ``combine_warps`` its tiles). ``later`` ranks each half's candidates in the combine kernel
     instead of the half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
     candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments;
     default ``WS_TILES`` or ``_default_ws_tiles``; with a sampled bound its staged candidates
@@ -931,6 +994,22 @@ def product_key_topk_forward(
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
+    if combine is None:
+        ptx_ok = q1.is_cuda and not _INTERPRETED and kp <= 32 and wide % (2 * kp) == 0
+        combine = COMBINE or ("ptx" if ptx_ok else "triton")
+    if combine == "ptx":
+        if _INTERPRETED or not q1.is_cuda:
+            raise ValueError("combine 'ptx' runs inline PTX: it needs a GPU (not the interpreter)")
+        LAUNCHED["combine"] = combine_rows(
+            half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys, topk, kp,
+            rank=later, softmax=softmax, save=save_for_backward,
+            warps=combine_ptx_warps or COMBINE_PTX_WARPS,
+        )  # fmt: skip
+        if not save_for_backward:
+            return scores, slots, None, None
+        return scores, slots, half_idx, pair_rank
+    if combine != "triton":
+        raise ValueError(f"combine must be 'ptx' or 'triton', got {combine!r}")
     pair_a, pair_b = _candidate_pairs(topk, device)
     split = tiles["split"] if split is None else split
     col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
