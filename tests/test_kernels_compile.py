@@ -148,7 +148,7 @@ def run_the_kernels() -> None:
     half_i = torch.empty(2, n, heads, topk, dtype=torch.int32)
     for wide, rank, softmax, save in ((32, True, True, False), (64, False, False, True)):
         places = torch.zeros(2, heads, n, wide, dtype=torch.int64)
-        triton_topk.combine_rows(half_s, half_i, places, late, scores, slots, half_i, n_keys,
+        triton_topk.ptx_combine(half_s, half_i, places, late, scores, slots, half_i, n_keys,
                                  topk, 16, rank, softmax, save)  # fmt: skip
 
     rows, D, B = 50, 65, 8

@@ -35,6 +35,7 @@ import functools
 import struct
 
 NEG = -9223372036854775807  # below every real key: padding and places past a row's count
+MORE = 8  # places a row's candidates past the first 2 * kp are merged in by (a rare row's)
 _MASK31 = 0x7FFFFFFF
 _NEG_INF_BITS = 0xFF800000
 _LOG2E = 1.4426950408889634
@@ -134,6 +135,15 @@ def _merge_top(b, x: list, y: list) -> list:
     return _network(b, [_max(b, x[i], y[n - 1 - i]) for i in range(n)], _bitonic_pairs(n))
 
 
+def _merge_tail(b, x: list, y: list) -> list:
+    """The top len(x) of a descending list x and a shorter descending list y: the larger of
+    x's tail and y reversed, after x's head, is bitonic (once an element of y wins, every
+    later one does)."""
+    n, m = len(x), len(y)
+    tail = [_max(b, x[n - m + i], y[m - 1 - i]) for i in range(m)]
+    return _network(b, x[: n - m] + tail, _bitonic_pairs(n))
+
+
 def _top(b, keys: list, kp: int) -> list:
     """The top kp of keys (a multiple of kp of them), descending."""
     best = _sort(b, keys[:kp])
@@ -173,11 +183,13 @@ def _program(b, k: int, kp: int, cap: int, wide: int, softmax: bool, save: bool)
     scores = []
     for h in (0, 1):
         best = _top(b, b.load(h, 0, cap), kp)
-        for start in range(cap, wide, cap):  # a rare row of more than cap places
+        if wide > cap:  # a rare row of more than cap places: MORE at a time merged in
             best = b.materialise(best)
-            b.begin_more(h, start)
-            more = _merge_top(b, best, _top(b, b.load(h, start, cap), kp))
-            best = b.end_more(best, more)
+            for start in range(cap, wide, MORE):
+                b.begin_more(h, start)
+                more = _merge_tail(b, best, _sort(b, b.load(h, start, MORE)))
+                best = b.end_more(best, more)
+            b.end_blocks(h)
         s, i = zip(*(b.unpack(best[j]) for j in range(k)), strict=True)
         b.keep_index(h, list(i), save)
         scores.append(list(s) + [None] * (kp - k))  # None: -inf (masked half-ranks)
@@ -258,6 +270,9 @@ class Emulate:
     def end_more(self, best, more):
         return [self._val(x) for x in (more if self._more.pop() else best)]
 
+    def end_blocks(self, h: int) -> None:
+        pass
+
     def unpack(self, key):
         bits, index = unpack_key(self._val(key))
         return _f32(bits), index
@@ -317,7 +332,6 @@ class Emit:
         self.k, self.wide = k, wide
         self.lines: list[str] = []
         self.n = {"r": 0, "d": 0, "p": 0}
-        self.more: list[str] = []
 
     def reg(self, kind: str) -> str:
         self.n[kind] += 1
@@ -407,16 +421,17 @@ class Emit:
         return out
 
     def begin_more(self, h: int, start: int) -> None:
-        label = f"MORE{h}_{start}"
-        self.more.append(label)
+        """Past the row's count: no later block holds a candidate either, skip them all."""
         self.put(f"setp.le.s32 q, {_op('count1' if h == 0 else 'count2')}, {start};")
-        self.put(f"@q bra {label};")
+        self.put(f"@q bra MORE{h};")
 
     def end_more(self, best, more):
         for b_, m in zip(best, more, strict=True):
             self.put(f"mov.b64 {b_}, {self.key(m)};")
-        self.put(f"{self.more.pop()}:")
         return best
+
+    def end_blocks(self, h: int) -> None:
+        self.put(f"MORE{h}:")
 
     def unpack(self, key):
         key = self.key(key)
@@ -434,17 +449,20 @@ class Emit:
         to half_i where the row was ranked here."""
         base = 0 if h == 0 else 4 * 32
         hi = _op("half_i1" if h == 0 else "half_i2")
-        for j in range(0, len(index), 4):
+        for j in range(0, len(index), 4):  # local memory: 16-byte aligned
             part = index[j : j + 4]
             if len(part) == 4:
                 self.put(f"st.local.v4.b32 [loc+{base + 4 * j}], {{{', '.join(part)}}};")
-                if save:
-                    self.put(f"@pr{h} st.global.v4.b32 [{hi}+{4 * j}], {{{', '.join(part)}}};")
             else:
                 for m, r in enumerate(part):
                     self.put(f"st.local.b32 [loc+{base + 4 * (j + m)}], {r};")
-                    if save:
-                        self.put(f"@pr{h} st.global.b32 [{hi}+{4 * (j + m)}], {r};")
+        if not save:
+            return
+        vec = 4 if self.k % 4 == 0 else 1  # rows of k int32: 16-byte aligned where 4 | k
+        for j in range(0, len(index), vec):
+            part = index[j : j + vec]
+            self.put(f"@pr{h} st.global.v{vec}.b32 [{hi}+{4 * j}], {{{', '.join(part)}}};"
+                     if vec == 4 else f"@pr{h} st.global.b32 [{hi}+{4 * j}], {part[0]};")  # fmt: skip
 
     def fadd(self, x, y):
         out = self.reg("r")

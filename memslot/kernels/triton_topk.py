@@ -739,7 +739,7 @@ def _combine_rows_kernel(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, scores_p
     )  # fmt: skip
 
 
-def combine_rows(half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys: int,
+def ptx_combine(half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys: int,
                  topk: int, kp: int, rank: bool, softmax: bool, save: bool,
                  warps: int = 4):  # fmt: skip
     """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk)."""
@@ -1000,7 +1000,7 @@ def product_key_topk_forward(
     if combine == "ptx":
         if _INTERPRETED or not q1.is_cuda:
             raise ValueError("combine 'ptx' runs inline PTX: it needs a GPU (not the interpreter)")
-        LAUNCHED["combine"] = combine_rows(
+        LAUNCHED["combine"] = ptx_combine(
             half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys, topk, kp,
             rank=later, softmax=softmax, save=save_for_backward,
             warps=combine_ptx_warps or COMBINE_PTX_WARPS,
