@@ -328,8 +328,8 @@ def _op(name: str) -> str:
 class Emit:
     """Writes ``_program`` as one block of PTX for a thread's row (see OPERANDS)."""
 
-    def __init__(self, k: int, wide: int):
-        self.k, self.wide = k, wide
+    def __init__(self, k: int, wide: int, prefetch: bool = False):
+        self.k, self.wide, self.prefetch = k, wide, prefetch
         self.lines: list[str] = []
         self.n = {"r": 0, "d": 0, "p": 0}
 
@@ -356,6 +356,9 @@ class Emit:
             self.put(f"setp.ge.s32 pr{h}, {c}, 0;")
             self.put(f"min.s32 t, {c}, {self.wide};")
             self.put(f"selp.b32 lim{h}, t, {self.k}, pr{h};")
+        if self.prefetch:  # the second half's places into L1 while the first is ranked
+            for line in range(0, 8 * min(self.wide, 64), 128):
+                self.put(f"@pr1 prefetch.global.L1 [{_op('scratch2')}+{line}];")
 
     def load(self, h: int, start: int, n: int) -> list:
         sc = _op("scratch1" if h == 0 else "scratch2")
@@ -568,9 +571,11 @@ class Emit:
 
 
 @functools.lru_cache(maxsize=32)
-def combine_asm(k: int, kp: int, wide: int, softmax: bool, save: bool) -> str:
-    """The PTX block that combines one row a thread (operands: ``OPERANDS``)."""
-    b = Emit(k, wide)
+def combine_asm(k: int, kp: int, wide: int, softmax: bool, save: bool,
+                prefetch: bool = False) -> str:  # fmt: skip
+    """The PTX block that combines one row a thread (operands: ``OPERANDS``); with prefetch
+    the second half's first places are asked into L1 at the start."""
+    b = Emit(k, wide, prefetch)
     b.prologue()
     _program(b, k, kp, 2 * kp, wide, softmax, save)
     return b.text()
