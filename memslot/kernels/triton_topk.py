@@ -744,16 +744,19 @@ def _combine_rows_kernel(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, scores_p
 
 def ptx_combine(half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys: int,
                  topk: int, kp: int, rank: bool, softmax: bool, save: bool,
-                 warps: int = 4):  # fmt: skip
-    """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk)."""
+                 warps: int = 4, maxnreg: int | None = None):  # fmt: skip
+    """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk); maxnreg caps its
+    registers (more warps a multiprocessor; the networks spill below about 200)."""
     N, H, _ = scores.shape
     rows = 32 * warps
+    maxnreg = maxnreg or COMBINE_PTX_MAXNREG
     return _combine_rows_kernel[(triton.cdiv(N * H, rows),)](
         half_s, half_idx, scratch, late, scores, slots, pair_rank, N * H, H, n_keys,
         K=topk, WIDE=scratch.shape[-1], ROWS=rows, RANK=rank,
         ASM=combine_ptx.combine_asm(topk, kp, scratch.shape[-1], softmax, save,
                                     COMBINE_PTX_PREFETCH),  # fmt: skip
         CONSTRAINTS=combine_ptx.CONSTRAINTS_, num_warps=warps,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
 
 
@@ -813,6 +816,7 @@ def _next_pow2(x: int, floor: int = 1) -> int:
 COMBINE: str | None = None
 COMBINE_PTX_WARPS = 4
 COMBINE_PTX_PREFETCH = False
+COMBINE_PTX_MAXNREG: int | None = None
 
 # the warp-specialised kernel's tiles where the caller names none, for every n_keys
 # (``gluon_topk.half_topk_ws``'s keyword arguments; a benchmark sets it to compare); None:
