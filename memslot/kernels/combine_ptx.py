@@ -144,6 +144,26 @@ def _merge_tail(b, x: list, y: list) -> list:
     return _network(b, x[: n - m] + tail, _bitonic_pairs(n))
 
 
+def _merge_runs(b, runs: list[list], kp: int) -> list:
+    """The top kp of descending runs, descending (padded to kp): the two shortest merged, as
+    a bitonic sequence, until one is left."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return [_Const(NEG)] * kp
+    while len(runs) > 1:
+        runs.sort(key=len)
+        x, y = runs.pop(0), runs.pop(0)
+        n = len(x) + len(y)
+        p = 1 << (max(len(x), len(y)) - 1).bit_length()
+        x, y = x + [_Const(NEG)] * (p - len(x)), y + [_Const(NEG)] * (p - len(y))
+        if p >= kp:  # only the top kp are wanted
+            merged = _merge_top(b, x[:kp] + [_Const(NEG)] * (kp - len(x[:kp])), y[:kp])
+        else:
+            merged = _network(b, x + y[::-1], _bitonic_pairs(2 * p))
+        runs.append(merged[: min(n, kp)])
+    return runs[0] + [_Const(NEG)] * (kp - len(runs[0]))
+
+
 def _top(b, keys: list, kp: int) -> list:
     """The top kp of keys (a multiple of kp of them), descending."""
     best = _sort(b, keys[:kp])
@@ -194,9 +214,11 @@ def _program(b, k: int, kp: int, cap: int, wide: int, softmax: bool, save: bool)
         b.keep_index(h, list(i), save)
         scores.append(list(s) + [None] * (kp - k))  # None: -inf (masked half-ranks)
     t1, t2 = scores
-    rest = [b.pack(b.fadd(t1[a], t2[c]), a * kp + c) for a, c in rest_pairs(k)]
-    rest += [_Const(NEG)] * (-len(rest) % kp or (kp if not rest else 0))
-    rest_top = _top(b, rest, kp)
+    # for each a the sums over b are a descending run (t2 is): merged, not sorted
+    runs: dict[int, list] = {}
+    for a, c in rest_pairs(k):
+        runs.setdefault(a, []).append(b.pack(b.fadd(t1[a], t2[c]), a * kp + c))
+    rest_top = _merge_runs(b, list(runs.values()), kp)
     row0 = [b.pack(b.fadd(t1[0], t2[c]), c) for c in range(kp)]
     col0 = [
         b.pack(b.fadd(t1[c + 1], t2[0]), (c + 1) * kp)
