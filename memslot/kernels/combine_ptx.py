@@ -9,11 +9,13 @@ moves between lanes. The steps are those of the Triton kernel with RANK and SPLI
 1. rank each half: the row's candidates (``_raw``: fp32 bits << 32 | sub-key) from its places
    in scratch, or, where its count in late is -1, the sorted top K the recheck left in
    half_s / half_i, become ``_pack`` keys (score descending, then index ascending); the top KP
-   of each CAP of them by two sorts of KP and a bitonic merge, and of the next CAP (a rare row
-   of more than CAP places, up to WIDE) merged in;
-2. combine: the sums of half-rank 0 on either side are in descending order already; the pairs
-   (a, b) with a, b >= 1 and (a + 1)(b + 1) <= K go through a network; two bitonic merges give
-   the top K. A pair's index in its key is a * KP + b, in the same order as its place in the
+   of the first CAP = 2 KP by two sorts of KP and a bitonic merge; a rare row of more places
+   (up to WIDE) has the rest sorted and merged in MORE at a time, behind a branch that the
+   rows of a warp take only where one of them needs it;
+2. combine: the sums of half-rank 0 on either side are in descending order already, and so,
+   for each a >= 1, are the sums of the pairs (a, b), b >= 1, with (a + 1)(b + 1) <= K: those
+   runs are merged (the two shortest first), and two bitonic merges give the top K of the
+   three lists. A pair's index in its key is a * KP + b, in the same order as its place in the
    Triton kernel's pair list, so ties rank alike;
 3. the softmax over the K scores (fp32: exp as ``tl.exp`` lowers it, the sum in rank order,
    one rounded division), the slots i1[a] * n_keys + i2[b] and, with SAVE, the half-ranks and
