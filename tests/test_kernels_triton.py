@@ -251,6 +251,17 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
         assert torch.equal(a, b)
 
 
+def test_the_combine_kernel_is_chosen_by_name_and_refused_where_it_cannot_run():
+    q1, q2, k1, k2 = random_keys(6, 2, 32, 8, seed=3)
+    with pytest.raises(ValueError, match="'ptx' or 'triton'"):
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, combine="cuda")
+    with pytest.raises(ValueError, match="inline PTX on a GPU"):  # 16 places: not 2 x 16
+        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 16, combine="ptx", cap=16, wide=16)
+    if not CUDA:  # the interpreter cannot run PTX
+        with pytest.raises(ValueError, match="inline PTX on a GPU"):
+            triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, combine="ptx")
+
+
 @pytest.mark.skipif(not CUDA, reason="the PTX combine runs on a GPU (its emulator runs on the "
                     "CPU: test_combine_ptx)")  # fmt: skip
 @pytest.mark.parametrize(

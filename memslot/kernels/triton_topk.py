@@ -902,8 +902,8 @@ def product_key_topk_forward(
     ``stop`` 1 or 2 ends after pass one or two of the half kernel, 3 before the combine kernel,
     and returns garbage (timing). ``combine`` (default ``COMBINE``) "ptx" combines one row a
     thread by ``_combine_rows_kernel`` (a GPU only), "triton" by ``_combine_kernel`` (rows
-    spread over a warp's lanes; ``combine_rows`` and ``combine_warps`` its tiles). ``later`` ranks each half's candidates in the combine kernel
-    instead of the half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
+    spread over a warp's lanes; ``combine_rows`` and ``combine_warps`` its tiles). ``later``
+    ranks each half's candidates in the combine kernel instead of the half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
     candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments;
     default ``WS_TILES`` or ``_default_ws_tiles``; with a sampled bound its staged candidates
     go through ``filter_candidates``),
@@ -950,6 +950,15 @@ def product_key_topk_forward(
     # wide) candidates ranks them from there, SUB rows at a time, instead of rescanning the keys
     wide = max(cap, _next_pow2(wide or tiles["wide"]))
     sub = max(16, min(block_n, 4096 // wide))  # tiles at least 16 wide
+    ptx_ok = q1.is_cuda and not _INTERPRETED and kp <= 32 and wide % (2 * kp) == 0
+    if combine is None:
+        combine = "ptx" if COMBINE == "ptx" and ptx_ok else "triton"
+    if combine not in ("ptx", "triton"):
+        raise ValueError(f"combine must be 'ptx' or 'triton', got {combine!r}")
+    if combine == "ptx" and not ptx_ok:
+        raise ValueError("combine 'ptx' runs inline PTX on a GPU (not under the interpreter), "
+                         "for topk up to 32 and wide a multiple of twice topk rounded up to a "
+                         "power of two (at least 16)")  # fmt: skip
     scratch = torch.empty(2, H, N, wide, dtype=torch.int64, device=device)
     counts = torch.empty(2, H, N, dtype=torch.int32, device=device) if wide > cap else scratch
     late = torch.empty(2, H, N, dtype=torch.int32, device=device) if later else counts
@@ -1003,14 +1012,7 @@ def product_key_topk_forward(
         )  # fmt: skip
     if stop:  # half_s holds each row's bound (stop 1), half_idx its candidate count (stop 2)
         return scores, slots, half_s, half_idx  # or (stop 3) both halves' sorted top-k
-    ptx_ok = q1.is_cuda and not _INTERPRETED and kp <= 32 and wide % (2 * kp) == 0
-    if combine is None:
-        combine = "ptx" if COMBINE == "ptx" and ptx_ok else "triton"
     if combine == "ptx":
-        if not ptx_ok:
-            raise ValueError("combine 'ptx' runs inline PTX on a GPU (not the interpreter), for "
-                             "topk up to 32 and wide a multiple of 2 * topk (rounded up to a "
-                             "power of two, at least 16)")  # fmt: skip
         LAUNCHED["combine"] = ptx_combine(
             half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys, topk, kp,
             rank=later, softmax=softmax, save=save_for_backward,
@@ -1019,8 +1021,6 @@ def product_key_topk_forward(
         if not save_for_backward:
             return scores, slots, None, None
         return scores, slots, half_idx, pair_rank
-    if combine != "triton":
-        raise ValueError(f"combine must be 'ptx' or 'triton', got {combine!r}")
     pair_a, pair_b = _candidate_pairs(topk, device)
     split = tiles["split"] if split is None else split
     col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
