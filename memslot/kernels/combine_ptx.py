@@ -507,77 +507,77 @@ class Emit:
         self.put(f"mov.b64 {key}, {{{low}, {a}}};")
         return key
 
+    def fold(self, op: str, regs: list) -> str:
+        """regs[0] op regs[1] op ... in order (one register each step)."""
+        acc = regs[0]
+        for x in regs[1:]:
+            out = self.reg("r")
+            self.put(f"{op} {out}, {acc}, {x};")
+            acc = out
+        return acc
+
+    def softmax(self, scores: list) -> list:
+        """exp(s - max) / sum in fp32: exp as ``tl.exp`` lowers it (ex2 of s * log2 e), the sum
+        in rank order, one rounded division."""
+        top = self.fold("max.f32", scores)
+        log2e = struct.unpack("<I", struct.pack("<f", _LOG2E))[0]
+        e = []
+        for s in scores:
+            x = self.reg("r")
+            self.put(f"sub.f32 t, {s}, {top};")
+            self.put(f"mul.f32 t, t, 0f{log2e:08X};")
+            self.put(f"ex2.approx.f32 {x}, t;")
+            e.append(x)
+        total = self.fold("add.rn.f32", e)
+        out = []
+        for x in e:
+            w = self.reg("r")
+            self.put(f"div.rn.f32 {w}, {x}, {total};")
+            out.append(w)
+        return out
+
+    def local_index(self, offset: str, base: int) -> str:
+        """The sub-key at local byte base + 4 * offset (into a register)."""
+        out = self.reg("r")
+        self.put(f"shl.b32 t, {offset}, 2;")
+        self.put(f"add.u32 t, t, {base};")
+        self.put("cvt.u64.u32 addr, t;")
+        self.put("add.u64 addr, addr, loc_base;")
+        self.put(f"ld.local.b32 {out}, [addr];")
+        return out
+
+    def store_row(self, ptr: str, regs: list, size: int) -> None:
+        """regs (size bytes each) at ptr, 16 bytes a store where the row's length allows."""
+        vec = 16 // size if len(regs) % (16 // size) == 0 else 1
+        for j in range(0, len(regs), vec):
+            part = regs[j : j + vec]
+            if vec > 1:
+                self.put(f"st.global.v{vec}.b{8 * size} [{ptr}+{size * j}], "
+                         f"{{{', '.join(part)}}};")  # fmt: skip
+            else:
+                self.put(f"st.global.b{8 * size} [{ptr}+{size * j}], {part[0]};")
+
     def finish(self, picks, kp: int, softmax: bool, save: bool) -> None:
-        k = len(picks)
         shift = kp.bit_length() - 1
         scores = [p[0] for p in picks]
         if softmax:
-            top = scores[0]
-            for s in scores[1:]:
-                m = self.reg("r")
-                self.put(f"max.f32 {m}, {top}, {s};")
-                top = m
-            e = []
-            for s in scores:
-                x = self.reg("r")
-                self.put(f"sub.f32 t, {s}, {top};")
-                self.put(
-                    f"mul.f32 t, t, 0f{struct.unpack('<I', struct.pack('<f', _LOG2E))[0]:08X};"
-                )
-                self.put(f"ex2.approx.f32 {x}, t;")
-                e.append(x)
-            total = e[0]
-            for x in e[1:]:
-                m = self.reg("r")
-                self.put(f"add.rn.f32 {m}, {total}, {x};")
-                total = m
-            scores = []
-            for x in e:
-                w = self.reg("r")
-                self.put(f"div.rn.f32 {w}, {x}, {total};")
-                scores.append(w)
+            scores = self.softmax(scores)
         slots, ranks = [], []
         for _, pick in picks:
-            a, c, ia, ic = (self.reg("r") for _ in range(4))
-            s64 = self.reg("d")
+            a, c, s64 = self.reg("r"), self.reg("r"), self.reg("d")
             self.put(f"shr.u32 {a}, {pick}, {shift};")
             self.put(f"and.b32 {c}, {pick}, {kp - 1};")
-            self.put(f"shl.b32 t, {a}, 2;")
-            self.put("cvt.u64.u32 addr, t;")
-            self.put("add.u64 addr, addr, loc_base;")
-            self.put(f"ld.local.b32 {ia}, [addr];")
-            self.put(f"shl.b32 t, {c}, 2;")
-            self.put(f"add.u32 t, t, {4 * 32};")
-            self.put("cvt.u64.u32 addr, t;")
-            self.put("add.u64 addr, addr, loc_base;")
-            self.put(f"ld.local.b32 {ic}, [addr];")
+            ia, ic = self.local_index(a, 0), self.local_index(c, 4 * 32)
             self.put(f"mul.wide.s32 {s64}, {ia}, {_op('n_keys')};")
             self.put(f"cvt.s64.s32 w, {ic};")
             self.put(f"add.s64 {s64}, {s64}, w;")
             slots.append(s64)
             ranks.append((a, c))
-        out_s, out_slot = _op("out_s"), _op("out_slot")
-        vec = 4 if k % 4 == 0 else 1
-        for j in range(0, k, vec):
-            part = scores[j : j + vec]
-            if vec == 4:
-                self.put(f"st.global.v4.b32 [{out_s}+{4 * j}], {{{', '.join(part)}}};")
-            else:
-                self.put(f"st.global.b32 [{out_s}+{4 * j}], {part[0]};")
-        for j in range(0, k, 2 if k % 2 == 0 else 1):
-            part = slots[j : j + (2 if k % 2 == 0 else 1)]
-            if len(part) == 2:
-                self.put(f"st.global.v2.b64 [{out_slot}+{8 * j}], {{{part[0]}, {part[1]}}};")
-            else:
-                self.put(f"st.global.b64 [{out_slot}+{8 * j}], {part[0]};")
+        self.store_row(_op("out_s"), scores, 4)
+        self.store_row(_op("out_slot"), slots, 8)
         if save:
-            for which, ptr in ((0, _op("rank1")), (1, _op("rank2"))):
-                for j in range(0, k, vec):
-                    part = [r[which] for r in ranks[j : j + vec]]
-                    if vec == 4:
-                        self.put(f"st.global.v4.b32 [{ptr}+{4 * j}], {{{', '.join(part)}}};")
-                    else:
-                        self.put(f"st.global.b32 [{ptr}+{4 * j}], {part[0]};")
+            self.store_row(_op("rank1"), [r[0] for r in ranks], 4)
+            self.store_row(_op("rank2"), [r[1] for r in ranks], 4)
 
     def text(self) -> str:
         head = [
