@@ -1,6 +1,6 @@
 """The one-row-a-thread combine (``memslot.kernels.combine_ptx``) run by its Python emulator
-against a brute-force ranking: the networks, the padding they skip, the rare second block of
-places and the rows the recheck ranked. The PTX itself runs on a GPU
+against a brute-force ranking: the networks, the padding they skip, a rare row's places past
+the first 2k (merged 8 at a time) and the rows the recheck ranked. The PTX itself runs on a GPU
 (``test_kernels_triton.test_the_ptx_combine_gives_the_triton_combines_picks``) and compiles
 on any machine (``test_kernels_compile``)."""
 
