@@ -355,7 +355,7 @@ class Emit:
     def __init__(self, k: int, wide: int, prefetch: bool = False):
         self.k, self.wide, self.prefetch = k, wide, prefetch
         self.lines: list[str] = []
-        self.n = {"r": 0, "d": 0, "p": 0}
+        self.n = {"r": 0, "d": 0}
 
     def reg(self, kind: str) -> str:
         self.n[kind] += 1
