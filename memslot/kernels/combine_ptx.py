@@ -409,13 +409,8 @@ class Emit:
                     self.put(f"@!pr{h} ld.global.b32 {lo[j]}, [{hi}+{4 * j}];")
         keys = []
         for p in range(n):
-            a, b_, key = self.reg("r"), self.reg("r"), self.reg("d")
-            self.put(f"shr.s32 t, {hi_w[p]}, 31;")
-            self.put(f"and.b32 t, t, {_MASK31};")
-            self.put(f"xor.b32 {a}, {hi_w[p]}, t;")
-            self.put(f"and.b32 t, {lo[p]}, {_MASK31};")
-            self.put(f"sub.s32 {b_}, {_MASK31}, t;")
-            self.put(f"mov.b64 {key}, {{{b_}, {a}}};")
+            key = self.reg("d")
+            self.put(f"mov.b64 {key}, {{{self.flip_index(lo[p])}, {self.flip_order(hi_w[p])}}};")
             self.put(f"setp.lt.s32 q, {start + p}, lim{h};")
             self.put(f"selp.b64 {key}, {key}, neg, q;")
             keys.append(key)
@@ -460,16 +455,26 @@ class Emit:
     def end_blocks(self, h: int) -> None:
         self.put(f"MORE{h}:")
 
-    def unpack(self, key):
-        key = self.key(key)
-        hi, lo, s, i = (self.reg("r") for _ in range(4))
-        self.put(f"mov.b64 {{{lo}, {hi}}}, {key};")
-        self.put(f"shr.s32 t, {hi}, 31;")
+    def flip_order(self, word: str) -> str:
+        """fp32 bits <-> an int32 with the float's order (negatives' magnitude bits flipped):
+        the high word of a key (``pack_key``); its own inverse."""
+        out = self.reg("r")
+        self.put(f"shr.s32 t, {word}, 31;")
         self.put(f"and.b32 t, t, {_MASK31};")
-        self.put(f"xor.b32 {s}, {hi}, t;")
-        self.put(f"and.b32 t, {lo}, {_MASK31};")
-        self.put(f"sub.s32 {i}, {_MASK31}, t;")
-        return s, i
+        self.put(f"xor.b32 {out}, {word}, t;")
+        return out
+
+    def flip_index(self, word: str) -> str:
+        """An index <-> the low word of a key: 2**31 - 1 minus its low 31 bits."""
+        out = self.reg("r")
+        self.put(f"and.b32 t, {word}, {_MASK31};")
+        self.put(f"sub.s32 {out}, {_MASK31}, t;")
+        return out
+
+    def unpack(self, key):
+        hi, lo = self.reg("r"), self.reg("r")
+        self.put(f"mov.b64 {{{lo}, {hi}}}, {self.key(key)};")
+        return self.flip_order(hi), self.flip_index(lo)
 
     def keep_index(self, h: int, index: list, save: bool) -> None:
         """Each half's sorted sub-keys to local memory (the picks index them), and with SAVE
@@ -499,12 +504,9 @@ class Emit:
         return out
 
     def pack(self, score, index: int):
-        a, low, key = self.reg("r"), self.reg("r"), self.reg("d")
-        self.put(f"shr.s32 t, {score}, 31;")
-        self.put(f"and.b32 t, t, {_MASK31};")
-        self.put(f"xor.b32 {a}, {score}, t;")
+        low, key = self.reg("r"), self.reg("d")
         self.put(f"mov.b32 {low}, {_MASK31 - index};")
-        self.put(f"mov.b64 {key}, {{{low}, {a}}};")
+        self.put(f"mov.b64 {key}, {{{low}, {self.flip_order(score)}}};")
         return key
 
     def fold(self, op: str, regs: list) -> str:
