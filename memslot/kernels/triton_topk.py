@@ -745,17 +745,21 @@ def _combine_rows_kernel(half_s_ptr, half_i_ptr, scratch_ptr, late_ptr, scores_p
 
 def ptx_combine(half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys: int,
                  topk: int, kp: int, rank: bool, softmax: bool, save: bool,
-                 warps: int = 4, maxnreg: int | None = None):  # fmt: skip
-    """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk); maxnreg caps its
-    registers (more warps a multiprocessor; the networks spill below about 200)."""
+                 warps: int | None = None, maxnreg: int | None = None,
+                 prefetch: bool | None = None):  # fmt: skip
+    """``_combine_rows_kernel`` over the N * H rows of scores (N, H, topk). Its tiles, each
+    ``COMBINE_PTX_*`` where not given: warps a program (32 rows each), maxnreg a cap on its
+    registers (more warps a multiprocessor; the networks spill below about 200), prefetch the
+    second half's places (``combine_ptx.combine_asm``)."""
     N, H, _ = scores.shape
-    rows = 32 * warps
+    warps = warps or COMBINE_PTX_WARPS
     maxnreg = maxnreg or COMBINE_PTX_MAXNREG
+    prefetch = COMBINE_PTX_PREFETCH if prefetch is None else prefetch
+    rows = 32 * warps
     return _combine_rows_kernel[(triton.cdiv(N * H, rows),)](
         half_s, half_idx, scratch, late, scores, slots, pair_rank, N * H, H, n_keys,
         K=topk, WIDE=scratch.shape[-1], ROWS=rows, RANK=rank,
-        ASM=combine_ptx.combine_asm(topk, kp, scratch.shape[-1], softmax, save,
-                                    COMBINE_PTX_PREFETCH),  # fmt: skip
+        ASM=combine_ptx.combine_asm(topk, kp, scratch.shape[-1], softmax, save, prefetch),
         CONSTRAINTS=combine_ptx.CONSTRAINTS_, num_warps=warps,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
@@ -1015,23 +1019,21 @@ def product_key_topk_forward(
     if combine == "ptx":
         LAUNCHED["combine"] = ptx_combine(
             half_s, half_idx, scratch, late, scores, slots, pair_rank, n_keys, topk, kp,
-            rank=later, softmax=softmax, save=save_for_backward,
-            warps=combine_ptx_warps or COMBINE_PTX_WARPS,
+            rank=later, softmax=softmax, save=save_for_backward, warps=combine_ptx_warps,
         )  # fmt: skip
-        if not save_for_backward:
-            return scores, slots, None, None
-        return scores, slots, half_idx, pair_rank
-    pair_a, pair_b = _candidate_pairs(topk, device)
-    split = tiles["split"] if split is None else split
-    col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
-    LAUNCHED["combine"] = _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
-        half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
-        pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16), BLOCK_R=combine_rows,
-        SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id, rest_a_ptr=rest_a,
-        rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest, SPLIT=split,
-        RP=_next_pow2(max(n_rest, kp), 16), scratch_ptr=scratch, late_ptr=late, H=H,
-        RANK=later, CAP=cap, WIDE=wide, SOFTMAX=softmax, num_warps=combine_warps,
-    )  # fmt: skip
+    else:
+        pair_a, pair_b = _candidate_pairs(topk, device)
+        split = tiles["split"] if split is None else split
+        col0_id, rest_a, rest_b, rest_id, n_rest = _split_pairs(topk, device)
+        LAUNCHED["combine"] = _combine_kernel[(triton.cdiv(N * H, combine_rows),)](
+            half_s, half_idx, pair_a, pair_b, scores, slots, pair_rank, N * H, n_keys,
+            pair_a.numel(), K=topk, KP=kp, CP=_next_pow2(pair_a.numel(), 16),
+            BLOCK_R=combine_rows, SAVE_FOR_BACKWARD=save_for_backward, col0_id_ptr=col0_id,
+            rest_a_ptr=rest_a, rest_b_ptr=rest_b, rest_id_ptr=rest_id, n_rest=n_rest,
+            SPLIT=split, RP=_next_pow2(max(n_rest, kp), 16), scratch_ptr=scratch,
+            late_ptr=late, H=H, RANK=later, CAP=cap, WIDE=wide, SOFTMAX=softmax,
+            num_warps=combine_warps,
+        )  # fmt: skip
     if not save_for_backward:
         return scores, slots, None, None
     return scores, slots, half_idx, pair_rank
