@@ -813,8 +813,6 @@ def bench_combine(args) -> None:
 
 
 def combine_at(n_keys: int, x: torch.Tensor, ffn: nn.Module, args) -> None:
-    import triton
-
     from memslot.kernels import triton_topk as tk
 
     dev, dt = x.device, x.dtype
@@ -836,7 +834,7 @@ def combine_at(n_keys: int, x: torch.Tensor, ffn: nn.Module, args) -> None:
             return layer(x, table)
 
         late = topk(stop=2)[2]  # each row's candidates, both halves
-        over = (late > 2 * max(16, triton.next_power_of_2(K))).reshape(2, H, N)
+        over = (late > 2 * tk._next_pow2(K, 16)).reshape(2, H, N)  # the first 2 kp places
         warps = over.any(0).transpose(0, 1).reshape(-1)
         warps = warps[: warps.numel() // 32 * 32].reshape(-1, 32).any(1)
         print(f"  {n_keys} sub-keys: candidates a row {late.float().mean().item():.1f} "

@@ -197,6 +197,24 @@ def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_or
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+def heads_first_keys(n, heads, half, n_keys, seed, same_keys=False):
+    """bf16 query halves in the layout ``query_topk`` gives the half kernels (views of one
+    (2, H, N, half) tensor) and two key sets; with same_keys every score of a row ties."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    normed = triton_topk.normalise_query(q, None)
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
+    k1, k2 = (
+        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    if same_keys:
+        k1[:, 1:] = k1[:, :1]
+    return q1, q2, k1, k2
+
+
 # four consumer warpgroups a program: their registers and the loader's fit in 64K
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
@@ -231,16 +249,7 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
 
     if n_keys // gluon_topk.BLOCK_C_ < tiles["sample"]:
         pytest.skip("pass one would read no chunk (refused: see the refusal test)")
-    g = torch.Generator(device="cuda").manual_seed(n)
-    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
-    normed = triton_topk.normalise_query(q, None)  # the layout query_topk gives the kernel
-    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-    k1, k2 = (
-        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
-        for _ in range(2)
-    )
-    if same_keys:
-        k1[:, 1:] = k1[:, :1]
+    q1, q2, k1, k2 = heads_first_keys(n, heads, half, n_keys, seed=n, same_keys=same_keys)
     assert gluon_topk.eligible(q1, q2, k1, topk)
     triton_only, ws = (
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w,
@@ -280,14 +289,7 @@ def test_the_combine_kernel_is_chosen_by_name_and_refused_where_it_cannot_run():
 def test_the_ptx_combine_gives_the_triton_combines_picks(n, heads, n_keys, half, topk, tiles):
     tiles = dict(tiles)
     same_keys = tiles.pop("same_keys", False)
-    g = torch.Generator(device="cuda").manual_seed(n + topk)
-    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
-    normed = triton_topk.normalise_query(q, None)  # the layout the Gluon kernel reads
-    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-    k1, k2 = (torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
-              for _ in range(2))  # fmt: skip
-    if same_keys:
-        k1[:, 1:] = k1[:, :1]
+    q1, q2, k1, k2 = heads_first_keys(n, heads, half, n_keys, seed=n + topk, same_keys=same_keys)
     for softmax in (False, True):
         ptx, plain = (
             triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True,
