@@ -9,94 +9,47 @@ test run chooses before Triton is imported) Triton's own library functions are i
 that no compiler can call.
 """
 
-import inspect
 import os
 import re
-import subprocess
-import tempfile
+import sys
 
 import pytest
-import torch
 import uninterpreted
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the optional extra `gpu`)")
 try:
-    from memslot.kernels import gluon_topk
+    from memslot.kernels import gluon_topk  # noqa: F401  (whether this Triton has it)
 except (ImportError, AttributeError):  # a Triton without (this) Gluon
     pytest.skip("this Triton has no Gluon for Hopper", allow_module_level=True)
 
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 SHARED_MEMORY = 232_448  # bytes a program may use on an H100 / H200 (227 KiB)
 
 
 def compile_report(half: int, tiles: dict) -> dict:
     """The kernel as ``half_topk_ws`` launches it with its default tiles (overridden by
-    ``tiles``), compiled for sm_90a: what the test checks of it, or {"skip": why}. Run it with
-    the interpreter off (``compile_for_hopper``)."""
+    ``tiles``), compiled for sm_90a by ``bench/sass.py``: what the test checks of it, or
+    {"skip": why}. Run it with the interpreter off (``compile_for_hopper``)."""
+    sys.path.insert(0, BENCH)
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.experimental.gluon._runtime import GluonASTSource
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        import sass
+
+        launch = sass.ws_launch(half, 1024, **tiles)
+        cubin, ptx, shared = sass.hopper_cubin(launch)
+        usage, listing = sass.disassemble(cubin)
     except ImportError:
         return {"skip": "this Triton cannot compile Gluon for a target it is not running on"}
-    if not hasattr(TensorDescriptor, "__mangle__"):
-        return {"skip": "this Triton's descriptors do not name their type"}
-
-    defaults = inspect.signature(gluon_topk.half_topk_ws).parameters
-    t = {
-        name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty
-    }
-    t.update(tiles)
-    rows, split = gluon_topk.ROWS_, gluon_topk.SPLIT_
-    base = torch.empty(8, split, dtype=torch.bfloat16)  # descriptors only name a type here
-
-    def desc(block):
-        return TensorDescriptor(base, [8, split], [split, 1], [block, split],
-                                gluon_topk._layout(block))  # fmt: skip
-
-    kernel = gluon_topk._half_topk_ws_kernel
-    types = {"q_desc": desc(rows).__mangle__(), "k1_desc": desc(t["block_c"]).__mangle__(),
-             "k2_desc": desc(t["block_c"]).__mangle__(), "scratch_ptr": "*i64",
-             "late_ptr": "*i32", "bound_ptr": "*fp32", "N": "i32", "H": "i32",
-             "n_keys": "i32"}  # fmt: skip
-    constants = dict(
-        K=32, WIDE=128, BLOCK_C=t["block_c"], KSPLIT=half // split, STAGES=t["stages"],
-        BISECT=t["bisect"], STOP=t["stop"], CONSUMER_REGS=t["consumer_regs"],
-        LOADER_REGS=t["loader_regs"], Q_REG=t["q_reg"], NUM_C=t["consumers"],
-        COMPACT=t["compact"], SAMPLE=t["sample"],
-        OVERLAP=gluon_topk.overlap_by_default(t["compact"], t["consumers"])
-        if t["overlap"] is None else t["overlap"],
-    )  # fmt: skip
-    names = list(kernel.arg_names)
-    assert set(names) == set(types) | set(constants), "the kernel's arguments changed"
-    signature = {name: types.get(name, "constexpr") for name in names}
-    source = GluonASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()})
-    options = {"num_warps": 4}
-    if t["consumers"] == 1:
-        options["maxnreg"] = t["maxnreg"] or 128
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return {"skip": "this Triton has no bundled cuobjdump"}
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-        cubin = f.name
-    try:
-        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
-    finally:
-        os.remove(cubin)
-    ptx = compiled.asm["ptx"]
+    except (NotImplementedError, FileNotFoundError) as e:
+        return {"skip": str(e)}
     return {
         "wgmma": "wgmma.mma_async" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "usage": usage,
-        "shared": compiled.metadata.shared,
+        "shared": shared,
         # warpgroup products and the waits on them: ptxas serializes the products (a wait after
         # each) when an instruction reads a result still being written
-        "products": sass.count("HGMMA."),
-        "waits": sass.count("WARPGROUP.DEPBAR"),
+        "products": listing.count("HGMMA."),
+        "waits": listing.count("WARPGROUP.DEPBAR"),
     }
 
 
