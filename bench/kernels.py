@@ -17,7 +17,6 @@ On a CPU it runs a small-shape comparison of the reference against PyTorch's nat
     python bench/kernels.py --gather-rates   # the bag forward from L2-sized to 2 GiB tables
     python bench/kernels.py --no-bag --ws-tiles '{"sample": 2}'   # the layer with other tiles
     python bench/kernels.py --no-bag --n-keys 1024 --no-bag-order   # bags read as given
-    python bench/kernels.py --combine --profile   # the combine kernels, alone and in the layer
 """
 
 from __future__ import annotations
@@ -772,100 +771,6 @@ def gpu_bench(args) -> None:
         )
 
 
-# the combine kernels compared by --combine: (kernel, warps a program, register cap, prefetch,
-# gate projection beside the lookup)
-COMBINE_TILES = {
-    "triton": ("triton", 4, None, False, True),
-    "ptx, 4 warps": ("ptx", 4, None, False, True),
-    "ptx, 2 warps, 200 registers": ("ptx", 2, 200, False, True),
-    "ptx, 1 warp, 168 registers": ("ptx", 1, 168, False, True),
-    "ptx, 2 warps, 200 registers, prefetch": ("ptx", 2, 200, True, True),
-    "triton, gate in line": ("triton", 4, None, False, False),
-    "ptx, 2 warps, 200 registers, gate in line": ("ptx", 2, 200, False, False),
-}
-
-
-def set_combine(name: str | None) -> None:
-    """Make COMBINE_TILES[name] the layer's combine (None: the defaults)."""
-    from memslot.kernels import triton_topk as tk
-
-    kernel, warps, regs, prefetch, beside = COMBINE_TILES[name or "triton"]
-    tk.COMBINE, tk.COMBINE_PTX_WARPS, tk.COMBINE_PTX_MAXNREG = kernel, warps, regs
-    tk.COMBINE_PTX_PREFETCH = prefetch
-    ProductKeyMemory.gate_beside_lookup = beside
-
-
-def bench_combine(args) -> None:
-    """The combine kernels side by side at the issue's shapes: alone (the top-k less the top-k
-    stopped before its combine) on the layer's own lookups, with the rows' candidate counts (a
-    warp of the PTX combine takes its branch past 2k places where one of its 32 rows needs it),
-    then the whole layer forward, each variant in turns with the FFN (the median of three)."""
-    check(kernels_cuda.register(), "Triton backend registered for CUDA")
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    N, D = args.tokens, args.dim
-    print(f"device {torch.cuda.get_device_properties(dev).name}; tokens {N}, dim {D}, heads "
-          f"{args.heads}, top-{args.topk}, k_dim {args.k_dim}, {dt}", flush=True)  # fmt: skip
-    x = torch.randn(1, N, D, device=dev, dtype=dt)
-    ffn = SwiGLU(D).to(dev, dt)
-    for n_keys in args.n_keys:
-        combine_at(n_keys, x, ffn, args)
-        torch.cuda.empty_cache()
-
-
-def combine_at(n_keys: int, x: torch.Tensor, ffn: nn.Module, args) -> None:
-    from memslot.kernels import triton_topk as tk
-
-    dev, dt = x.device, x.dtype
-    N, D, H, K, KD = args.tokens, args.dim, args.heads, args.topk, args.k_dim
-    cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
-    torch.manual_seed(0)
-    layer = ProductKeyMemory(D, D, cfg, 0).to(dev, dt)
-    table = torch.randn(cfg.n_slots, D, device=dev, dtype=dt) * 0.02
-    alone = [v for v in COMBINE_TILES if "in line" not in v]
-    with torch.no_grad():
-        normed = tk.normalise_query(layer.query(x).reshape(-1, H, KD), layer.query_norm_weight)
-        q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-        k1, k2 = (k.to(dt) for k in layer.normalised_keys())
-
-        def topk(**kw):
-            return tk.product_key_topk_forward(q1, q2, k1, k2, K, softmax=True, **kw)
-
-        def forward():
-            return layer(x, table)
-
-        late = topk(stop=2)[2]  # each row's candidates, both halves
-        over = (late > 2 * tk._next_pow2(K, 16)).reshape(2, H, N)  # the first 2 kp places
-        warps = over.any(0).transpose(0, 1).reshape(-1)
-        warps = warps[: warps.numel() // 32 * 32].reshape(-1, 32).any(1)
-        print(f"  {n_keys} sub-keys: candidates a row {late.float().mean().item():.1f} "
-              f"(most {int(late.max())}); rows past 2k places {over.float().mean().item():.4f}, "
-              f"warps of 32 rows with one {warps.float().mean().item():.3f}", flush=True)  # fmt: skip
-        before = bench_ms(lambda: topk(stop=3))
-        want = topk(combine="triton")
-        for name in alone:
-            set_combine(name)
-            check(torch.equal(topk()[1], want[1]), f"{name}: the Triton combine's slots")
-            ms = bench_ms(lambda: topk()) - before
-            row(f"combine alone, {n_keys} sub-keys: {name}", ms, "", f"before it {before:.3f}")
-        if args.profile:
-            for name in ("triton", "ptx, 2 warps, 200 registers"):
-                set_combine(name)
-                profile(f"layer, {n_keys} sub-keys, {name}", forward, reps=3)
-        times: dict[str, list[float]] = {v: [] for v in COMBINE_TILES}
-        ffn_ms = []
-        for _ in range(3):
-            ffn_ms.append(bench_ms(lambda: ffn(x)))
-            for name in COMBINE_TILES:
-                set_combine(name)
-                times[name].append(bench_ms(forward))
-        set_combine(None)
-    f = sorted(ffn_ms)[1]
-    for name, t in times.items():
-        ms = sorted(t)[1]
-        row(f"layer forward, {n_keys} sub-keys: {name}", ms, f"{ms / f:.3f}x FFN",
-            f"turns {min(t):.3f}-{max(t):.3f}; FFN {f:.3f}")  # fmt: skip
-
-
 def profile(what: str, fn, reps: int = 5) -> None:
     """Device time per kernel over ``reps`` calls of fn (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity
@@ -957,11 +862,6 @@ def main() -> None:
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )
     p.add_argument(
-        "--combine",
-        action="store_true",
-        help="only the combine kernels (Triton, PTX tiles): alone and in the layer",
-    )
-    p.add_argument(
         "--gather-rates",
         action="store_true",
         help="only the bag forward from small to large tables",
@@ -987,9 +887,7 @@ def main() -> None:
 
         triton_topk.WS_TILES = args.ws_tiles
     if torch.cuda.is_available() and kernels_cuda.triton_available():
-        if args.combine:
-            bench_combine(args)
-        elif args.bag_backward:
+        if args.bag_backward:
             bench_bag_backward(args)
         elif args.gather_rates:
             bench_gather_rates(args)

@@ -8,9 +8,9 @@ and the cycles ptxas planned between them (the stall counts in each instruction'
 bits: what one warp alone takes to issue them, at least). Run it where Triton is installed
 with its interpreter off:
 
-    python bench/sass.py                              # the combines and the Gluon half kernel
+    python bench/sass.py                              # the combine and the Gluon half kernel
     python bench/sass.py --kernel ws --n-keys 4096    # one kernel, at 4,096 sub-keys
-    python bench/sass.py --kernel combine-ptx --keep rows.sass   # and keep the listing
+    python bench/sass.py --kernel combine --keep combine.sass   # and keep the listing
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from memslot.kernels import combine_ptx
 from memslot.kernels import triton_topk as tk
 
-KERNELS = ("combine", "combine-ptx", "ws")
+KERNELS = ("combine", "ws")
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s+/\* 0x([0-9a-f]{16}) \*/")
 _WORD = re.compile(r"/\* 0x([0-9a-f]{16}) \*/")
 _TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
@@ -181,21 +180,6 @@ def combine_launch(tokens: int, topk: int, n_keys: int, softmax: bool = True) ->
     return Launch(tk._combine_kernel, types, constants, {"num_warps": 4})
 
 
-def combine_ptx_launch(topk: int, softmax: bool = True) -> Launch:
-    """``triton_topk._combine_rows_kernel`` at ``ptx_combine``'s default tiles."""
-    wide = tk._default_tiles(1024)["wide"]
-    kp = tk._next_pow2(topk, 16)
-    warps, maxnreg = tk.COMBINE_PTX_WARPS, tk.COMBINE_PTX_MAXNREG
-    types = {"half_s_ptr": "*fp32", "half_i_ptr": "*i32", "scratch_ptr": "*i64",
-             "late_ptr": "*i32", "scores_ptr": "*fp32", "slots_ptr": "*i64",
-             "pair_rank_ptr": "*i32", "R": "i32", "H": "i32", "n_keys": "i32"}  # fmt: skip
-    asm = combine_ptx.combine_asm(topk, kp, wide, softmax, False, tk.COMBINE_PTX_PREFETCH)
-    constants = dict(K=topk, WIDE=wide, ROWS=32 * warps, RANK=True, ASM=asm,
-                     CONSTRAINTS=combine_ptx.CONSTRAINTS_)  # fmt: skip
-    options = {"num_warps": warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-    return Launch(tk._combine_rows_kernel, types, constants, options)
-
-
 def ws_launch(half: int, n_keys: int, topk: int = 32, **tiles) -> Launch:
     """``gluon_topk._half_topk_ws_kernel`` as ``half_topk_ws`` launches it: its defaults, those
     of ``triton_topk`` for n_keys, then ``tiles``."""
@@ -236,8 +220,6 @@ def ws_launch(half: int, n_keys: int, topk: int = 32, **tiles) -> Launch:
 def launch_of(name: str, args) -> Launch:
     if name == "combine":
         return combine_launch(args.tokens, args.topk, args.n_keys)
-    if name == "combine-ptx":
-        return combine_ptx_launch(args.topk)
     return ws_launch(args.k_dim // 2, args.n_keys, args.topk)
 
 

@@ -197,24 +197,6 @@ def test_the_filter_keeps_the_staged_candidates_that_reach_each_rows_bound_in_or
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
-
-
-def heads_first_keys(n, heads, half, n_keys, seed, same_keys=False):
-    """bf16 query halves in the layout ``query_topk`` gives the half kernels (views of one
-    (2, H, N, half) tensor) and two key sets; with same_keys every score of a row ties."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
-    normed = triton_topk.normalise_query(q, None)
-    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
-    k1, k2 = (
-        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
-        for _ in range(2)
-    )
-    if same_keys:
-        k1[:, 1:] = k1[:, :1]
-    return q1, q2, k1, k2
-
-
 # four consumer warpgroups a program: their registers and the loader's fit in 64K
 FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=False, stages=3)
 
@@ -249,7 +231,16 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
 
     if n_keys // gluon_topk.BLOCK_C_ < tiles["sample"]:
         pytest.skip("pass one would read no chunk (refused: see the refusal test)")
-    q1, q2, k1, k2 = heads_first_keys(n, heads, half, n_keys, seed=n, same_keys=same_keys)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
+    normed = triton_topk.normalise_query(q, None)  # the layout query_topk gives the kernel
+    q1, q2 = normed[0].transpose(0, 1), normed[1].transpose(0, 1)
+    k1, k2 = (
+        torch.randn(heads, n_keys, half, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    if same_keys:
+        k1[:, 1:] = k1[:, :1]
     assert gluon_topk.eligible(q1, q2, k1, topk)
     triton_only, ws = (
         triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True, ws=w,
@@ -258,52 +249,6 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
     )  # fmt: skip
     for a, b in zip(triton_only, ws, strict=True):  # scores, slots, half indices, pair ranks
         assert torch.equal(a, b)
-
-
-def test_the_combine_kernel_is_chosen_by_name_and_refused_where_it_cannot_run():
-    q1, q2, k1, k2 = random_keys(6, 2, 32, 8, seed=3)
-    with pytest.raises(ValueError, match="'ptx' or 'triton'"):
-        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, combine="cuda")
-    with pytest.raises(ValueError, match="inline PTX on a GPU"):  # 16 places: not 2 x 16
-        triton_topk.product_key_topk_forward(q1, q2, k1, k2, 16, combine="ptx", cap=16, wide=16)
-    if not CUDA:  # the interpreter cannot run PTX
-        with pytest.raises(ValueError, match="inline PTX on a GPU"):
-            triton_topk.product_key_topk_forward(q1, q2, k1, k2, 4, combine="ptx")
-
-
-@pytest.mark.skipif(not CUDA, reason="the PTX combine runs on a GPU (its emulator runs on the "
-                    "CPU: test_combine_ptx)")  # fmt: skip
-@pytest.mark.parametrize(
-    "n,heads,n_keys,half,topk,tiles",
-    [
-        (16384, 4, 1024, 256, 32, {}),  # the benchmark's shape (on Hopper: the Gluon kernel)
-        (4096, 4, 4096, 256, 32, {}),  # with a sampled bound, then the filter
-        (2000, 2, 300, 16, 9, {}),
-        (333, 3, 128, 64, 1, {}),  # k = 1
-        (500, 2, 200, 16, 20, dict(ws=False, bisect=3, wide=256)),  # rows past 64 places
-        (500, 2, 64, 8, 16, dict(ws=False, later=False)),  # ranked by the half kernel
-        (700, 2, 1024, 64, 32, dict(same_keys=True)),  # every score tied: every row rechecked
-        (0, 2, 64, 8, 8, {}),  # an empty batch
-    ],
-)
-def test_the_ptx_combine_gives_the_triton_combines_picks(n, heads, n_keys, half, topk, tiles):
-    tiles = dict(tiles)
-    same_keys = tiles.pop("same_keys", False)
-    q1, q2, k1, k2 = heads_first_keys(n, heads, half, n_keys, seed=n + topk, same_keys=same_keys)
-    for softmax in (False, True):
-        ptx, plain = (
-            triton_topk.product_key_topk_forward(q1, q2, k1, k2, topk, save_for_backward=True,
-                                                 softmax=softmax, combine=c, **tiles)
-            for c in ("ptx", "triton")
-        )  # fmt: skip
-        for a, b in zip(ptx[1:], plain[1:], strict=True):  # slots, half indices, pair ranks
-            assert torch.equal(a, b)
-        if softmax:  # the sum in another order, one rounded division: an ulp or two
-            torch.testing.assert_close(ptx[0], plain[0], rtol=1e-5, atol=1e-7)
-            if n:
-                assert torch.allclose(ptx[0].sum(-1), torch.ones(n, heads, device="cuda"))
-        else:  # the fp32 sums, the same bits
-            assert torch.equal(ptx[0], plain[0])
 
 
 @pytest.mark.parametrize("bisect", [0, 3, 12])
