@@ -160,7 +160,7 @@ def opcodes(listing: list[Instruction], top: int = 8) -> str:
 # ---- the layer's launches ----------------------------------------------------------------------
 
 
-def combine_launch(tokens: int, topk: int, n_keys: int, softmax: bool = True) -> Launch:
+def combine_launch(tokens: int, topk: int, softmax: bool = True) -> Launch:
     """``triton_topk._combine_kernel`` as ``product_key_topk_forward`` launches it by default."""
     tiles = tk._default_tiles(tokens)
     kp = tk._next_pow2(topk, 16)
@@ -219,7 +219,7 @@ def ws_launch(half: int, n_keys: int, topk: int = 32, **tiles) -> Launch:
 
 def launch_of(name: str, args) -> Launch:
     if name == "combine":
-        return combine_launch(args.tokens, args.topk, args.n_keys)
+        return combine_launch(args.tokens, args.topk)
     return ws_launch(args.k_dim // 2, args.n_keys, args.topk)
 
 

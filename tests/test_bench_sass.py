@@ -68,7 +68,7 @@ def test_resources_read_cuobjdump_usage():
 
 
 def test_a_launch_naming_an_argument_the_kernel_lacks_is_refused():
-    launch = sass.combine_launch(16384, 32, 1024)
+    launch = sass.combine_launch(16384, 32)
     launch.constants["NO_SUCH"] = 1
     with pytest.raises(ValueError, match="NO_SUCH"):
         sass.hopper_cubin(launch)
