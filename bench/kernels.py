@@ -5,7 +5,9 @@ bf16) it checks each Triton kernel against the reference, then times: the device
 fused product-key top-k; the embedding-bag forward and backward (time, effective TB/s on the
 bytes each must move, ratio to the copy rate); a whole Memory+ layer forward and forward+backward
 through the Triton kernels and through the reference, against a dense SwiGLU FFN (hidden 4x) of
-the same model dim, at 1M and 16M slots. Prints a markdown table last.
+the same model dim, at 1M and 16M slots; then the layer forwards and the FFN's again in turns
+(``--turns`` rounds), the acceptance's ratios taken within each round. Prints a markdown table
+last.
 
 On a CPU it runs a small-shape comparison of the reference against PyTorch's native ops, so
 ``make bench`` works without a GPU.
@@ -87,6 +89,36 @@ def bench_ms(fn, rep_ms: int = 200) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+
+
+def in_turns(timers: dict, rounds: int) -> dict[object, list[float]]:
+    """Each of ``timers`` (name -> a function that times something, in ms) called once a round,
+    in their order, for ``rounds`` rounds: what drifts over a run (clocks, temperature, a
+    neighbour's load) reaches every measurement of a round alike, so a ratio taken within a
+    round is steadier than one between measurements taken minutes apart."""
+    times: dict[object, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def turns_rows(
+    times: dict[object, list[float]], base: object, what: dict, target: str = ""
+) -> None:
+    """A row for each of ``what`` (name -> label): its median over the rounds, and its ratio to
+    ``base``'s median, with the range of the ratios round by round."""
+    b = median(times[base])
+    for name, label in what.items():
+        t = times[name]
+        by_round = [x / y for x, y in zip(t, times[base], strict=True)]
+        row(label, median(t), f"{median(t) / b:.3f}x",
+            f"{len(t)} rounds in turns: {min(by_round):.3f}-{max(by_round):.3f}x round by round; "
+            f"{target}")  # fmt: skip
 
 
 # (block_n, block_c, num_warps, num_stages, bisection steps for the bound (0: a sort))
@@ -709,7 +741,7 @@ def gpu_bench(args) -> None:
     row(f"dense SwiGLU FFN forward, d {D}, hidden {4 * D}", ffn_fwd)
     row("dense SwiGLU FFN forward+backward", ffn_fb)
 
-    layer_fwd = {}
+    layer_fwd, forwards = {}, {}
     for n_keys in args.n_keys:
         cfg = MemoryConfig(n_keys=n_keys, heads=H, topk=K, k_dim=KD, layers=(0,))
         torch.manual_seed(0)
@@ -745,6 +777,8 @@ def gpu_bench(args) -> None:
             f"  layer n_keys={n_keys}: output rel err triton vs reference {rel_err(y_fast, y_ref):.2e}"
         )
         layer_fwd[n_keys] = times["triton"][0]
+        table.grad = None
+        forwards[n_keys] = fwd  # kept (with its layer and table) for the turns below
         if args.profile and n_keys == args.n_keys[0]:
             profile("layer forward", fwd)
             profile("layer forward+backward", step)
@@ -756,7 +790,7 @@ def gpu_bench(args) -> None:
                 "",
                 f"{t / ffn_ms:.2f}x FFN; reference {r:.2f} ms ({r / t:.1f}x slower)",
             )
-        del layer, table
+        del layer, table, step
         torch.cuda.empty_cache()
     if len(args.n_keys) > 1:
         a, b = args.n_keys[0], args.n_keys[-1]
@@ -769,6 +803,21 @@ def gpu_bench(args) -> None:
                 "target <= 1.3x",
             )
         )
+    if args.turns:  # the acceptance's ratios, each within rounds of the same run
+
+        def ffn_forward():
+            with torch.no_grad():
+                return ffn(x)
+
+        timers = {"FFN": lambda: bench_ms(ffn_forward)}
+        timers |= {n: (lambda f=f: bench_ms(f)) for n, f in forwards.items()}
+        times = in_turns(timers, args.turns)
+        turns_rows(times, "FFN", {n: f"Memory+ layer forward, {n * n:,} slots, against the FFN"
+                                  for n in forwards}, "target <= 2.0x at 1M")  # fmt: skip
+        if len(args.n_keys) > 1:
+            a, b = args.n_keys[0], args.n_keys[-1]
+            turns_rows(times, a, {b: f"layer forward {b * b:,} slots against {a * a:,}"},
+                       "target <= 1.3x")  # fmt: skip
 
 
 def profile(what: str, fn, reps: int = 5) -> None:
@@ -858,6 +907,10 @@ def main() -> None:
     p.add_argument("--no-bag", action="store_true", help="skip the bag's timings")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer timings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the 1M layer")
+    p.add_argument(
+        "--turns", type=int, default=5,
+        help="rounds of the layer forwards and the FFN's timed in turns (0: none)",
+    )  # fmt: skip
     p.add_argument(
         "--bag-backward", action="store_true", help="only the bag backward's kernels and tiles"
     )
