@@ -851,7 +851,7 @@ def cpu_ms(fn, reps: int = 5) -> float:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median(times)
 
 
 def cpu_bench(args) -> None:

@@ -72,9 +72,10 @@ def hopper_cubin(launch: Launch) -> tuple[bytes, str, int]:
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(launch.kernel.fn).parameters)
-    unknown = (set(launch.types) | set(launch.constants)) - set(names)
-    if unknown:
-        raise ValueError(f"{launch.kernel.__name__} takes no {sorted(unknown)}")
+    given = set(launch.types) | set(launch.constants)
+    if given != set(names):  # the kernel's arguments changed since its launch was written
+        raise ValueError(f"{launch.kernel.__name__}: no such arguments {sorted(given - set(names))}"
+                         f", arguments not given {sorted(set(names) - given)}")  # fmt: skip
     signature = {n: launch.types.get(n, "constexpr") for n in names}
     constants = {(names.index(k),): v for k, v in launch.constants.items()}
     source_type = ASTSource

@@ -74,6 +74,13 @@ def test_a_launch_naming_an_argument_the_kernel_lacks_is_refused():
         sass.hopper_cubin(launch)
 
 
+def test_a_launch_leaving_out_an_argument_the_kernel_takes_is_refused():
+    launch = sass.combine_launch(16384, 32)
+    del launch.constants["SOFTMAX"]
+    with pytest.raises(ValueError, match=r"not given \['SOFTMAX'\]"):
+        sass.hopper_cubin(launch)
+
+
 def test_the_tool_reads_the_top_k_kernels_as_the_layer_launches_them():
     """End to end, in a child without the interpreter: the combine and the Gluon half kernel
     compile for sm_90 at the layer's tiles without spilling, and the half kernel's two passes
