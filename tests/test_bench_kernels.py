@@ -13,15 +13,11 @@ import kernels  # noqa: E402
 def test_turns_time_each_in_order_a_round_at_a_time_and_ratios_cancel_the_drift():
     calls = []
     drift = [1.0, 1.5, 0.8, 1.2, 1.1]  # the machine's speed, round by round
-    rounds = iter(range(10**6))
-    state = {"round": 0}
 
     def timer(name, ms):
         def t():
             calls.append(name)
-            if name == "FFN":  # the first of each round
-                state["round"] = next(rounds)
-            return ms * drift[state["round"]]
+            return ms * drift[calls.count("FFN") - 1]  # the FFN opens each round
 
         return t
 
