@@ -928,7 +928,8 @@ def main() -> None:
         "--ws-tiles",
         type=json.loads,
         default=None,
-        help="the warp-specialised top-k's tiles as JSON, e.g. '{\"sample\": 2}'",
+        help="the warp-specialised top-k's tiles as JSON, over its defaults at each sub-key "
+        "count, e.g. '{\"sample\": 2}'",
     )
     args = p.parse_args()
     if args.no_bag_order:

@@ -753,9 +753,9 @@ def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, x)))
 
 
-# the warp-specialised kernel's tiles where the caller names none, for every n_keys
-# (``gluon_topk.half_topk_ws``'s keyword arguments; a benchmark sets it to compare); None:
-# ``_default_ws_tiles``
+# the warp-specialised kernel's tiles where the caller names none, for every n_keys, over
+# those of ``_default_ws_tiles`` (``gluon_topk.half_topk_ws``'s keyword arguments; a benchmark
+# sets it to compare); None: ``_default_ws_tiles`` alone
 WS_TILES: dict | None = None
 
 
@@ -836,7 +836,7 @@ def product_key_topk_forward(
     kernel's tiles. ``later`` ranks each half's candidates in the combine kernel instead of the
     half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
     candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments;
-    default ``WS_TILES`` or ``_default_ws_tiles``; with a sampled bound its staged candidates
+    default ``_default_ws_tiles`` updated by ``WS_TILES``; with a sampled bound its staged candidates
     go through ``filter_candidates``),
     then ranks the rare blocks with a row out of range by ``_recheck_kernel`` (``recheck``
     runs that after the Triton half kernel too, for the tests on the CPU).
@@ -864,7 +864,7 @@ def product_key_topk_forward(
     half_p2 = _next_pow2(half, 16)
     later = tiles["later"] if later is None else later
     if ws_tiles is None:
-        ws_tiles = _default_ws_tiles(n_keys) if WS_TILES is None else WS_TILES
+        ws_tiles = _default_ws_tiles(n_keys) | (WS_TILES or {})
     ws_tiles = dict(ws_tiles)
     ws_ok = normed_out is None and gluon_topk is not None and gluon_topk.eligible(
         q1, q2, keys1, topk, ws_tiles.get("block_c", gluon_topk.BLOCK_C_))  # fmt: skip
