@@ -149,10 +149,10 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     k1, k2 = (torch.randn(2, 128, 64, device=DEVICE) for _ in range(2))  # two chunks
     with pytest.raises(ValueError, match="sample > 1 needs bound"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=2)
-    with pytest.raises(ValueError, match="overlap needs compact 1 or 2"):
+    with pytest.raises(ValueError, match="overlap needs compact 1"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, overlap=True, compact=0)
-    with pytest.raises(ValueError, match="compact must be 0, 1 or 2"):
-        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, compact=3)
+    with pytest.raises(ValueError, match="compact must be 0 or 1"):
+        gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, compact=2)
     with pytest.raises(ValueError, match="consumers must be 1, 2 or 4"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, consumers=3)
     with pytest.raises(ValueError, match="lower consumer_regs"):  # 4 x 128 x 232 registers
@@ -225,11 +225,6 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         # each chunk's products waited for before the next's start, the bound by 12 halvings
         dict(compact=1, sample=1, overlap=False, bisect=12),
         dict(compact=1, sample=4, overlap=False),
-        # places by quad scans, each thread storing only its kept scores (a loop over them)
-        dict(compact=2, sample=1),
-        dict(compact=2, sample=4),
-        dict(compact=2, sample=1, overlap=False),
-        dict(compact=2, sample=4, overlap=False),
     ],
 )
 def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_keys, topk,

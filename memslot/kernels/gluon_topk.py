@@ -17,16 +17,11 @@ at each row's next places in scratch (2, H, N, WIDE) and each row's count in lat
 The combine kernel ranks them (up to WIDE a row), so their order in a row does not matter: by
 default (COMPACT 1) each thread counts its kept scores of its two rows, a scan over the four
 lanes that share the rows gives each thread its first place, and the thread stores its own in
-order, all in one block of inline PTX (``_quad_compact_asm``): every element a predicated store,
-about 420 instructions a chunk a warp. COMPACT 2 has the same places and stores only the kept
-ones (about 1 in 25), each thread its scores put in local memory and its kept ones loaded back
-by their bit in a mask (``_quad_loop_asm``: about 310-350 instructions a chunk); not yet
-timed on a GPU in this form (a loop that loaded and stored one kept score a pass, waiting on
-each load, took 0.55 ms against 0.39 for the whole top-k on an H100: docs/BENCHMARKS.md).
-COMPACT 0 places them as the Triton kernel does, by a product of the kept mask with the strict
-upper triangle. A block of 64 rows with a row of fewer than K or more than WIDE candidates
-(ties at the bound) is ranked by ``triton_topk._recheck_kernel``, launched after this one, by
-the exact top-k network over every chunk.
+order, all in one block of inline PTX (``_quad_compact_asm``); COMPACT 0 places them as the
+Triton kernel does, by a product of the kept mask with the strict upper triangle. A block of 64
+rows with a row of fewer than K or more than WIDE candidates (ties at the bound) is ranked by
+``triton_topk._recheck_kernel``, launched after this one, by the exact top-k network over every
+chunk.
 
 With SAMPLE > 1 pass one reads only the first 1 / SAMPLE of the chunks: the bound is still one
 that K scores reach, only looser. Pass two then reads the chunks pass one skipped first, adding
@@ -174,104 +169,6 @@ def _quad_compact_asm(block_c: int, wide: int) -> str:
 
 
 @triton.constexpr_function
-def _quad_loop_asm(block_c: int, wide: int, slots: int = 4) -> str:
-    """As ``_quad_compact_asm`` (same operands, same places), but a thread stores only its kept
-    scores rather than every element under a predicate.
-
-    The thread's scores go to a local array of its own (block_c / 8 16-byte stores, the
-    elements in their register order), each row's kept ones into a bit mask (bit j: element
-    j). After the quad scan, ``slots`` times a row: take the highest bit left of its mask and
-    load that score back; then store the loaded ones (all loads first: one wait on local
-    memory a chunk); a thread with more than ``slots`` kept in a row stores the rest by a loop
-    (rare: about 1 in 25 scores is kept, 0.6 of a row's 16 a thread)."""
-    e = block_c // 2
-    s, b, c, ptr, c0 = (e * (k + 1) for k in range(5))
-    out = [
-        "{",
-        ".reg .pred p, h, q0, q1;",
-        ".reg .b32 n0, n1, i0, i1, c0, c1, t, u, k0, k1, m0, m1, x0, x1, j, v, o, base;",
-        f".reg .b32 w<{2 * slots}>, y<{2 * slots}>;",
-        ".reg .b64 a, a0, a1;",
-        f".local .align 16 .b32 buf[{e}];",
-        "mov.b32 m0, 0;",
-        "mov.b32 m1, 0;",
-    ]
-    for j in range(0, e, 4):  # element j at buf[j]: four consecutive registers a store
-        out.append(f"st.local.v4.b32 [buf+{4 * j}], {{${s + j}, ${s + j + 1}, ${s + j + 2}, "
-                   f"${s + j + 3}}};")  # fmt: skip
-    for j in range(e):  # row r = (j >> 1) & 1 keeps element j: bit j of m_r
-        r = (j >> 1) & 1
-        out += [f"setp.ge.f32 p, ${s + j}, ${b + 2 * r};", f"@p or.b32 m{r}, m{r}, {1 << j};"]
-    for r in (0, 1):
-        out += [
-            f"popc.b32 n{r}, m{r};",
-            f"mov.b32 i{r}, n{r};",  # inclusive scan over the quad's lanes
-            f"shfl.sync.up.b32 t|p, i{r}, 1, 0x1c00, 0xffffffff;",
-            f"@p add.s32 i{r}, i{r}, t;",
-            f"shfl.sync.up.b32 t|p, i{r}, 2, 0x1c00, 0xffffffff;",
-            f"@p add.s32 i{r}, i{r}, t;",
-            f"shfl.sync.idx.b32 t, i{r}, 3, 0x1c1f, 0xffffffff;",  # the row's kept this chunk
-            f"add.s32 c{r}, ${c + 2 * r}, t;",  # its new count
-            f"setp.gt.s32 q{r}, c{r}, {wide};",  # past its places: store none of them
-            f"@q{r} mov.b32 m{r}, 0;",
-            f"@q{r} mov.b32 n{r}, 0;",
-            f"sub.s32 k{r}, i{r}, n{r};",
-            f"add.s32 k{r}, k{r}, ${c + 2 * r};",  # this thread's first place in the row
-            f"mad.wide.s32 a{r}, k{r}, 8, ${ptr + 2 * r};",
-        ]
-    out += [
-        "mov.u32 t, %laneid;",
-        "and.b32 t, t, 3;",
-        "shl.b32 t, t, 1;",
-        f"add.s32 x0, t, ${c0};",  # row 0's element 0's column
-        "sub.s32 x1, x0, 4;",  # row 1's, less 4 (see the column below)
-        "mov.u32 base, buf;",
-    ]
-    # element j = 4 i + 2 r + e is column 8 i + e (past the lane's) = 2 j - e - 4 r
-    for slot in range(slots):
-        for r in (0, 1):
-            w = 2 * slot + r
-            out += [
-                f"bfind.u32 j, m{r};",  # the highest kept element left (none: -1)
-                "shl.b32 u, 1, j;",
-                f"xor.b32 m{r}, m{r}, u;",
-                "and.b32 j, j, 31;",  # (none: a place in the array all the same)
-                "mad.lo.u32 o, j, 4, base;",
-                f"ld.local.b32 w{w}, [o];",
-                "and.b32 u, j, 0x1e;",
-                f"add.s32 u, u, x{r};",
-                f"add.s32 y{w}, u, j;",
-            ]
-    for slot in range(slots):
-        for r in (0, 1):
-            w = 2 * slot + r
-            out += [f"setp.gt.s32 h, n{r}, {slot};",
-                    f"@h st.global.v2.b32 [a{r}+{8 * slot}], {{y{w}, w{w}}};"]  # fmt: skip
-    # the rest, one a pass, from place k + slots
-    out += [f"add.s32 k0, k0, {slots};", f"add.s32 k1, k1, {slots};", "LOOP:",
-            "or.b32 t, m0, m1;", "setp.eq.u32 p, t, 0;", "@p bra DONE;"]  # fmt: skip
-    for r in (0, 1):
-        out += [
-            f"setp.ne.u32 h, m{r}, 0;",
-            f"bfind.u32 j, m{r};",
-            "shl.b32 u, 1, j;",
-            f"xor.b32 m{r}, m{r}, u;",
-            "mad.lo.u32 o, j, 4, base;",
-            "@h ld.local.b32 v, [o];",
-            "and.b32 u, j, 0x1e;",
-            f"add.s32 u, u, x{r};",
-            "add.s32 u, u, j;",
-            f"mad.wide.s32 a, k{r}, 8, ${ptr + 2 * r};",
-            "@h st.global.v2.b32 [a], {u, v};",
-            f"@h add.s32 k{r}, k{r}, 1;",
-        ]
-    out += ["bra LOOP;", "DONE:"]
-    out += [f"mov.b32 ${j}, c{(j >> 1) & 1};" for j in range(e)]
-    out.append("}")
-    return " ".join(out)
-
-
-@triton.constexpr_function
 def _quad_compact_constraints(block_c: int) -> str:
     e = block_c // 2
     return ",".join(["=r"] * e + ["f"] * e + ["f"] * e + ["r"] * e + ["l"] * e + ["r"] * e)
@@ -284,14 +181,10 @@ def _first(a, b):
 
 
 @gluon.jit
-def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr,
-                  COMPACT: gl.constexpr):  # fmt: skip
+def _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C: gl.constexpr, WIDE: gl.constexpr):
     """Chunk c0's kept scores (s >= bound) stored at their rows' next places (from count); the
-    rows' new counts. See ``_quad_compact_asm`` (COMPACT 1) and ``_quad_loop_asm`` (2)."""
-    if COMPACT == 1:
-        asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE)
-    else:
-        asm: gl.constexpr = _quad_loop_asm(BLOCK_C, WIDE)
+    rows' new counts. See ``_quad_compact_asm``."""
+    asm: gl.constexpr = _quad_compact_asm(BLOCK_C, WIDE)
     new = gl.inline_asm_elementwise(
         asm, _quad_compact_constraints(BLOCK_C),
         [s, bound, gl.expand_dims(count, 1), row_ptr.to(gl.int64, bitcast=True), c0],
@@ -354,7 +247,7 @@ def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok
         before = warpgroup_mma_wait(num_outstanding=0, deps=(before,))
         count = _keep_chunk(s, keep, before, count, c0, row_ptr, row_ok, cols, WIDE)
     else:
-        count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE, COMPACT)
+        count = _quad_compact(s, bound, count, row_ptr, c0, BLOCK_C, WIDE)
     if SAMPLE > 1:
         if i < n_rest:
             group_max = gl.maximum(group_max, s)
@@ -632,11 +525,11 @@ def _layout(rows: int):
 
 def overlap_by_default(compact: int, consumers: int) -> bool:
     """Whether pass two overlaps each chunk's products with the compaction of the chunk before
-    unless the caller says: with places by quad scans (``compact`` 1 or 2; the triangle's
-    product would wait on the next chunk's products) and two consumers, the tiles timed and checked on the H200 (four
+    unless the caller says: with places by quad scans (the triangle's product would wait on
+    the next chunk's products) and two consumers, the tiles timed and checked on the H200 (four
     have no registers for a second result; one, capped at 128 registers for two programs a
     multiprocessor, compiles with it but was not timed)."""
-    return compact in (1, 2) and consumers == 2
+    return compact == 1 and consumers == 2
 
 
 def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
@@ -663,16 +556,16 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
     against 0.416 / 0.97; with pass two's products overlapped (``overlap``, the default where
     ``overlap_by_default`` holds): 0.399 / 0.94 (one call, in turns). Consumers taking turns
     on the tensor cores (an mbarrier handing each its turn) gained nothing: 0.418 / 0.96.
-    Each thread storing only its kept scores (``compact`` 2) by a loop over them, one load from
-    local memory and one store a pass (H100): 0.554 / 1.44 against 0.393 / 0.92; with the
-    loads of four a row first, then the stores (``compact`` 2 now): not yet timed.
+    Each thread storing only its kept scores, from a local array by a bit mask (H100): one
+    load and one store a pass of a loop 0.554 / 1.44 ms, four loads a row and then their
+    stores 0.470 / 1.215, against 0.395 / 0.915 with every score a predicated store.
     """
     N, H, half = q1.shape
     n_keys = keys1.shape[1]
     if consumers not in (1, 2, 4):
         raise ValueError(f"consumers must be 1, 2 or 4, got {consumers}")
-    if compact not in (0, 1, 2):
-        raise ValueError(f"compact must be 0, 1 or 2, got {compact}")
+    if compact not in (0, 1):
+        raise ValueError(f"compact must be 0 or 1, got {compact}")
     if consumers * 128 * consumer_regs + 32 * loader_regs > 65536:
         raise ValueError(
             f"{consumers} consumer warpgroups of {consumer_regs} registers and a "
@@ -684,9 +577,9 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                          f"got {sample}")  # fmt: skip
     if overlap is None:
         overlap = overlap_by_default(compact, consumers)
-    if overlap and compact == 0:
-        raise ValueError("overlap needs compact 1 or 2 (the triangle's product would wait on "
-                         "the next chunk's products)")  # fmt: skip
+    if overlap and compact != 1:
+        raise ValueError("overlap needs compact 1 (the triangle's product would wait on the "
+                         "next chunk's products)")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
     rows = query_rows(q1, q2)
