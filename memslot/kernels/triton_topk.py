@@ -836,8 +836,8 @@ def product_key_topk_forward(
     kernel's tiles. ``later`` ranks each half's candidates in the combine kernel instead of the
     half kernel. ``ws`` (default: where ``gluon_topk.eligible``) finds the
     candidates with the warp-specialised Gluon kernel (``ws_tiles``: its keyword arguments;
-    default ``_default_ws_tiles`` updated by ``WS_TILES``; with a sampled bound its staged candidates
-    go through ``filter_candidates``),
+    default ``_default_ws_tiles`` updated by ``WS_TILES``; with a sampled bound its staged
+    candidates go through ``filter_candidates``),
     then ranks the rare blocks with a row out of range by ``_recheck_kernel`` (``recheck``
     runs that after the Triton half kernel too, for the tests on the CPU).
     """
