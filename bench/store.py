@@ -81,7 +81,7 @@ def bench_row_reads(store: Store, reps: int) -> list[list[str]]:
     generator = torch.Generator().manual_seed(1)
     n_slots = store.shape[0]
     results = []
-    for n_rows in (1, 100):
+    for n_rows in (1, 100, 1000):
         for label, version in (("head", store.head), ("version 1", 1)):
             samples = []
             for _ in range(reps):
@@ -128,6 +128,13 @@ def bench_load(workdir: Path, n_slots: int, dim: int, reps: int) -> tuple[list[l
             handle.readinto(memoryview(out.numpy()).cast("B"))
         file_s.append(time.perf_counter() - start)
         assert torch.equal(out, expected)
+    base_reads = []  # rows none of the commits wrote: each from its base chunk (1,024 of 1 MiB)
+    for _ in range(reps):
+        slots = torch.randint(0, n_slots, (1000,), generator=generator).tolist()
+        start = time.perf_counter()
+        rows = store.read_rows(slots, 0)
+        base_reads.append(time.perf_counter() - start)
+        assert torch.equal(rows, table[slots])
     store.close()
     store_rate = size / statistics.median(store_s) / 2**30
     file_rate = size / statistics.median(file_s) / 2**30
@@ -147,6 +154,12 @@ def bench_load(workdir: Path, n_slots: int, dim: int, reps: int) -> tuple[list[l
             f"median of {reps}",
         ],
         ["load_table / plain file", f"{ratio:.0%}", "", "target >= 50%"],
+        [
+            f"read_rows 1,000 random slot(s) at version 0 of the {size / 2**30:.2f} GiB table",
+            f"{statistics.median(base_reads) * 1e3:.1f} ms",
+            f"{max(base_reads) * 1e3:.1f} ms (slowest)",
+            f"median of {reps}",
+        ],
         [
             f"Store.create {shape}",
             f"{size / create_s / 2**30:.2f} GiB/s",

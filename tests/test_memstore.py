@@ -231,6 +231,25 @@ def test_read_rows_returns_each_slots_newest_row_at_or_below_the_version(store, 
     assert store.read_rows([]).shape == (0, DIM)
 
 
+def test_read_rows_reads_each_base_chunk_once_whatever_the_slot_order(store, table, monkeypatch):
+    written = random_rows(1, seed=4)
+    store.commit([9], written, expected_parent=0)
+    reads: list[int] = []
+    base_chunk = Store._base_chunk
+
+    def counted(self, chunk_index):
+        reads.append(chunk_index)
+        return base_chunk(self, chunk_index)
+
+    monkeypatch.setattr(Store, "_base_chunk", counted)
+    slots = [36, 0, 9, 13, 1, 36, 12, 35, 2]  # chunks of 4 rows: 9, 0, -, 3, 0, 9, 3, 8, 0
+    want = table[slots].clone()
+    want[2] = written[0]  # slot 9 comes from its written row, not from chunk 2
+    assert torch.equal(store.read_rows(slots), want)
+    assert reads == [0, 3, 8, 9]  # each chunk once, in ascending order, chunk 2 never
+    assert torch.equal(store.read_rows(slots, version=0), table[slots])
+
+
 def test_load_table_streams_into_a_preallocated_tensor(store, table):
     rows = random_rows(3)
     store.commit([0, 17, N_SLOTS - 1], rows, expected_parent=0)

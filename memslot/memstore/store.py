@@ -356,26 +356,42 @@ class Store:
 
     @_reports_disk_damage
     def read_rows(self, slots: SlotsLike, version: int | str | None = None) -> torch.Tensor:
-        """Rows of `slots` at `version` (default head), shape (len(slots), dim); one seek each."""
+        """Rows of `slots` at `version` (default head), shape (len(slots), dim).
+
+        One seek each for the rows written since the base, in ascending slot order; the rest
+        come from their base chunks, each read once and dropped once its rows are copied, so
+        memory stays at one chunk however many chunks the slots reach.
+        """
         read_version = self._readable(self._head if version is None else version)
         slot_list = self._check_slots(slots, for_commit=False)
         out = torch.empty((len(slot_list), self._shape[1]), dtype=self._dtype)
         out_bytes = as_bytes_view(out)
         row_bytes = self._row_bytes
+        order = sorted(range(len(slot_list)), key=slot_list.__getitem__)
+        from_base: list[int] = []  # places whose slot was not written since the base, ascending
         rows_iter = self._cf[CF_ROWS].iter()
-        chunks: dict[int, bytes] = {}
         try:
-            for i, slot in enumerate(slot_list):
-                out_bytes[i * row_bytes : (i + 1) * row_bytes] = self._row_at(
-                    rows_iter, slot, read_version, chunks
-                )
+            for i in order:
+                row = self._written_row(rows_iter, slot_list[i], read_version)
+                if row is None:
+                    from_base.append(i)
+                else:
+                    out_bytes[i * row_bytes : (i + 1) * row_bytes] = row
         finally:
             del rows_iter  # a traceback must not keep the database open after close()
+        chunk, chunk_index = b"", -1
+        for i in from_base:
+            index, row_in_chunk = divmod(slot_list[i], self._chunk_rows)
+            if index != chunk_index:
+                chunk, chunk_index = self._base_chunk(index), index
+            out_bytes[i * row_bytes : (i + 1) * row_bytes] = open_chunk_row(
+                chunk, index, row_in_chunk, row_bytes
+            )
         return out
 
-    def _row_at(
-        self, rows_iter: Any, slot: int, version: int, chunks: dict[int, bytes]
-    ) -> bytes | memoryview:
+    def _written_row(self, rows_iter: Any, slot: int, version: int) -> memoryview | None:
+        """The newest row of `slot` written at or below `version`, or None if none was written
+        since the base (the base chunk holds it)."""
         # Keys sort by slot, then by version descending: seeking to (slot, version) lands on
         # the newest row written at or below `version`, if the slot was written since the base.
         rows_iter.seek(row_key(slot, version))
@@ -385,10 +401,7 @@ class Store:
                 return open_row(rows_iter.value(), slot, written_at)
         else:
             rows_iter.status()  # an invalid iterator may mean a failed read, not "no rows"
-        chunk_index, row_in_chunk = divmod(slot, self._chunk_rows)
-        if chunk_index not in chunks:
-            chunks[chunk_index] = self._base_chunk(chunk_index)
-        return open_chunk_row(chunks[chunk_index], chunk_index, row_in_chunk, self._row_bytes)
+        return None
 
     def _base_chunk(self, chunk_index: int) -> bytes:
         value = self._cf[CF_BASE].get(pack_u64(chunk_index))
