@@ -89,10 +89,11 @@ def main() -> None:
         walk = pairs * row_gb + rows_gb
         for shift in args.shifts:
             r = rows_per_pair(slots, shift)
-            total = r * pairs * row_gb + rows_gb
+            gathered = r * pairs * row_gb
+            total = gathered + rows_gb
             group = "slot (the walk)" if shift == 0 else f"slot >> {shift}, then token"
             print(f"| {name} ({unique:,} unique slots, {pairs / unique:.2f} pairs a slot) | "
-                  f"{group} | {r:.3f} | {r * pairs * row_gb:.2f} | {total:.2f} | "
+                  f"{group} | {r:.3f} | {gathered:.2f} | {total:.2f} | "
                   f"{total / walk:.0%} |")  # fmt: skip
 
 
