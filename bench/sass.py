@@ -194,6 +194,7 @@ def ws_launch(half: int, n_keys: int, topk: int = 32, **tiles) -> Launch:
     t = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
     t |= tk._default_ws_tiles(n_keys) | tiles
     overlap = t["overlap"]
+    stage_k = t["stage_k"] or gluon_topk.stage_k_by_default(topk, t["sample"])
     if overlap is None:
         overlap = gluon_topk.overlap_by_default(t["compact"], t["consumers"])
     rows, split = gluon_topk.ROWS_, gluon_topk.SPLIT_
@@ -211,7 +212,7 @@ def ws_launch(half: int, n_keys: int, topk: int = 32, **tiles) -> Launch:
                      STAGES=t["stages"], BISECT=t["bisect"], STOP=t["stop"],
                      CONSUMER_REGS=t["consumer_regs"], LOADER_REGS=t["loader_regs"],
                      Q_REG=t["q_reg"], NUM_C=t["consumers"], COMPACT=t["compact"],
-                     SAMPLE=t["sample"], OVERLAP=overlap)  # fmt: skip
+                     SAMPLE=t["sample"], OVERLAP=overlap, STAGE_K=stage_k)  # fmt: skip
     options = {"num_warps": 4}
     if t["consumers"] == 1:
         options["maxnreg"] = t["maxnreg"] or 128

@@ -149,6 +149,11 @@ def test_the_warp_specialised_path_refuses_what_it_cannot_take():
     k1, k2 = (torch.randn(2, 128, 64, device=DEVICE) for _ in range(2))  # two chunks
     with pytest.raises(ValueError, match="sample > 1 needs bound"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=2)
+    bound = torch.empty(2, 2, 8, device=DEVICE)
+    for sample, stage_k in ((2, 0), (2, 5), (1, 2)):  # in [1, topk], and topk unless sampled
+        with pytest.raises(ValueError, match=rf"stage_k must be in \[1, topk=4\].* {stage_k} "):
+            gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, sample=sample,
+                                    bound=bound, stage_k=stage_k)  # fmt: skip
     with pytest.raises(ValueError, match="overlap needs compact 1"):
         gluon_topk.half_topk_ws(q1, q2, k1, k2, None, None, 4, 128, overlap=True, compact=0)
     with pytest.raises(ValueError, match="compact must be 0 or 1"):
@@ -221,6 +226,11 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
+        # the skipped chunks staged by a bound that topk of the sampled ones reach (fewer
+        # staged than the default's for top-32), and by one that most rows fall short of at
+        # the filter (their blocks ranked by the recheck)
+        dict(compact=1, sample=4, stage_k=32),
+        dict(compact=1, sample=4, stage_k=4),
         dict(compact=1, sample=1, **FOUR_CONSUMERS),  # the query read from shared memory
         # each chunk's products waited for before the next's start, the bound by 12 halvings
         dict(compact=1, sample=1, overlap=False, bisect=12),
@@ -233,6 +243,8 @@ def test_the_warp_specialised_half_kernel_gives_the_same_bits(n, heads, half, n_
 
     if n_keys // gluon_topk.BLOCK_C_ < tiles["sample"]:
         pytest.skip("pass one would read no chunk (refused: see the refusal test)")
+    if "stage_k" in tiles:
+        tiles = dict(tiles, stage_k=min(tiles["stage_k"], topk))
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, heads, 2 * half, device="cuda", generator=g).to(torch.bfloat16)
     normed = triton_topk.normalise_query(q, None)  # the layout query_topk gives the kernel

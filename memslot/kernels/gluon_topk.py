@@ -30,7 +30,10 @@ maxima (as a pass one without sampling would); it keeps the skipped chunks' cand
 sampled bound and the sampled chunks' by the whole one, stages them (several times as many as
 without sampling: the caller gives scratch the places) and stores each row's whole bound, by
 which ``triton_topk.filter_candidates`` keeps the ones that reach it for the combine kernel.
-Done in this kernel's tail, that filter left the multiprocessor idle (its one program there
+The skipped chunks are kept by a bound that fewer maxima reach (``stage_k``, by default 5/8 of
+K at top-32 over a quarter), so fewer are staged; the filter's bound is the higher of that and
+the whole one, and a row left with fewer than K goes to the recheck. Done in this kernel's
+tail, that filter left the multiprocessor idle (its one program there
 waited on its own loads); as a kernel of its own it costs little.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
@@ -235,10 +238,12 @@ def _moved(s):
 def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok, cols, tri_smem,
          zero, op_layout: gl.constexpr, K: gl.constexpr, WIDE: gl.constexpr,
          BLOCK_C: gl.constexpr, BISECT: gl.constexpr, COMPACT: gl.constexpr,
-         SAMPLE: gl.constexpr):  # fmt: skip
+         SAMPLE: gl.constexpr, STAGE_K: gl.constexpr):  # fmt: skip
     """Pass two's work on chunk j's scores s (the i-th chunk it reads): store the kept ones;
     with SAMPLE > 1 add the chunks pass one skipped to the group maxima and raise the bound at
-    their end. (count, group_max, lo, bound) after it."""
+    their end: to one that K of every chunk's group maxima reach (from lo, one that K of the
+    sampled chunks' reach), or to the staged bound (bound: one that STAGE_K of the sampled
+    chunks' reach) where that is higher. (count, group_max, lo, bound) after it."""
     c0 = (j - (j >= n_chunks).to(gl.int32) * n_chunks) * BLOCK_C
     if COMPACT == 0:
         keep = s >= bound
@@ -253,6 +258,8 @@ def _two(s, i, j, n_chunks, n_rest, count, group_max, lo, bound, row_ptr, row_ok
             group_max = gl.maximum(group_max, s)
             if i + 1 == n_rest:
                 lo = _raise_bound(group_max, lo, K, BISECT)
+                if STAGE_K < K:  # the staged bound (bound's one column) where that is higher
+                    lo = gl.maximum(lo, gl.max(bound, axis=1))
                 bound = gl.expand_dims(lo, 1)
     return count, group_max, lo, bound
 
@@ -263,7 +270,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
               BLOCK_C: gl.constexpr, KSPLIT: gl.constexpr, STAGES: gl.constexpr,
               BISECT: gl.constexpr, STOP: gl.constexpr, Q_REG: gl.constexpr,
               NUM_C: gl.constexpr, COMPACT: gl.constexpr, SAMPLE: gl.constexpr,
-              OVERLAP: gl.constexpr):  # fmt: skip
+              OVERLAP: gl.constexpr, STAGE_K: gl.constexpr):  # fmt: skip
     """Both passes for ROWS query rows: consumer C of the program's NUM_C. In pass one each
     chunk's products are waited for before its result is used. With OVERLAP pass two starts
     each chunk's products before it compacts the chunk before (its first chunk's during the
@@ -306,9 +313,13 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             stage = n_bound % STAGES
             mbarrier.wait(ready.index(stage), (n_bound // STAGES) & 1)
             acc = _issue(q_smem, qa, k_smem, stage, C, KSPLIT, Q_REG, zero)
-    # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum
+    # a value that K group maxima reach, by BISECT halvings of [smallest, largest] maximum;
+    # with STAGE_K < K pass two keeps the skipped chunks' scores by one that STAGE_K reach
     lo = _raise_bound(group_max, gl.min(group_max, axis=1), K, BISECT)
-    bound = gl.expand_dims(lo, 1)
+    if STAGE_K < K:
+        bound = gl.expand_dims(_raise_bound(group_max, lo, STAGE_K, BISECT), 1)
+    else:
+        bound = gl.expand_dims(lo, 1)
     if STOP == 1:
         gl.store(late_ptr + line, lo.to(gl.int32, bitcast=True), mask=row_mask)
         return
@@ -334,14 +345,14 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
                                                bound, row_ptr, row_ok, cols, tri_smem, zero,
                                                op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
-                                               SAMPLE)  # fmt: skip
+                                               SAMPLE, STAGE_K)  # fmt: skip
         j = n_bound + n_chunks - 1
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(j % STAGES), count=1)
         count, group_max, lo, bound = _two(s, n_chunks - 1, j, n_chunks, n_rest, count,
                                            group_max, lo, bound, row_ptr, row_ok, cols,
                                            tri_smem, zero, op_layout, K, WIDE, BLOCK_C, BISECT,
-                                           COMPACT, SAMPLE)  # fmt: skip
+                                           COMPACT, SAMPLE, STAGE_K)  # fmt: skip
     else:
         for i in range(n_chunks):
             j = n_bound + i
@@ -353,7 +364,7 @@ def _consumer(q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr, late_p
             count, group_max, lo, bound = _two(s, i, j, n_chunks, n_rest, count, group_max, lo,
                                                bound, row_ptr, row_ok, cols, tri_smem, zero,
                                                op_layout, K, WIDE, BLOCK_C, BISECT, COMPACT,
-                                               SAMPLE)  # fmt: skip
+                                               SAMPLE, STAGE_K)  # fmt: skip
     if SAMPLE > 1:  # for ``triton_topk._filter_kernel``: it keeps the staged ones reaching it
         gl.store(bound_ptr + line, lo, mask=row_mask)
     gl.store(late_ptr + line, count, mask=row_mask)
@@ -398,7 +409,8 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                          STOP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, Q_REG: gl.constexpr,
                          NUM_C: gl.constexpr, COMPACT: gl.constexpr,
-                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr):  # fmt: skip
+                         SAMPLE: gl.constexpr, OVERLAP: gl.constexpr,
+                         STAGE_K: gl.constexpr):  # fmt: skip
     """Grid (cdiv(N, NUM_C * 64), H, 2): NUM_C * 64 query rows of one half of one head a
     program, NUM_C consumer warpgroups (1, 2 or 4) and a loader warp."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_C * KSPLIT, ROWS, SPLIT], q_desc.layout)
@@ -430,19 +442,19 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 2, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 3, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -455,11 +467,11 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 1, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -472,7 +484,7 @@ def _half_topk_ws_kernel(q_desc, k1_desc, k2_desc, scratch_ptr, late_ptr, bound_
                 (_consumer, (q_smem, k_smem, tri_smem, q_bar, ready, empty, scratch_ptr,
                              late_ptr, bound_ptr, N, H, n_keys, 0, K, WIDE,
                              BLOCK_C, KSPLIT, STAGES, BISECT, STOP, Q_REG, NUM_C, COMPACT,
-                             SAMPLE, OVERLAP)),
+                             SAMPLE, OVERLAP, STAGE_K)),
                 (_loader, (q_desc, k1_desc, k2_desc, q_smem, k_smem, q_bar, ready, empty, N, H,
                            n_keys, BLOCK_C, KSPLIT, STAGES, STOP, NUM_C, SAMPLE)),
             ],
@@ -532,17 +544,40 @@ def overlap_by_default(compact: int, consumers: int) -> bool:
     return compact == 1 and consumers == 2
 
 
+def stage_k_by_default(topk: int, sample: int) -> int:
+    """How many of the sampled chunks' group maxima the staged bound is one that they reach:
+    5/8 of topk with pass one over a quarter of the chunks or less, topk from 32 (else topk).
+
+    The filter keeps a row's candidates at the higher of that bound and the bound from every
+    chunk, so a row is rechecked only where fewer than topk of its scores reach the staged one.
+    Counted on the CPU over 131,072 rows of Gaussian scores at 4,096 sub-keys, top-32, sample
+    4: staged candidates a row 146 with 32, 85 with 20 (none short of 32: no recheck); with
+    16 a row in 7,300 is short, with sample 2 (top-32, 20) one in 160, at top-16 and 10 one
+    in 4,400. On an H200 at 16,384 tokens x 4 heads (84 staged a row, none short): the filter
+    0.061 ms against 0.085, the half kernel 0.659 against 0.648 (two bisections in pass one),
+    the whole top-k 0.894 ms against 0.923 and the 16M layer forward 1.311x the 1M one
+    against 1.325x (five rounds in turns; docs/BENCHMARKS.md)."""
+    return topk * 5 // 8 if sample >= 4 and topk >= 32 else topk
+
+
 def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                  block_c: int = BLOCK_C_,
                  stages: int = 4, bisect: int = 6, stop: int = 0, consumer_regs: int = 232,
                  loader_regs: int = 40, q_reg: bool = True, consumers: int = 2,
                  maxnreg: int | None = None, compact: int = 1, sample: int = 1,
-                 bound: torch.Tensor | None = None, overlap: bool | None = None):  # fmt: skip
+                 bound: torch.Tensor | None = None, overlap: bool | None = None,
+                 stage_k: int | None = None):  # fmt: skip
     """Candidates of both halves into scratch (2, H, N, wide) and their counts into late
     (2, H, N); with stop 1 late holds each row's bound (fp32 bits) instead. With sample > 1
     the candidates are those of the sampled bound (about sample times as many: give scratch the
     places), and bound (2, H, N) fp32 receives each row's bound from every chunk's group
     maxima, by which ``triton_topk.filter_candidates`` keeps the ones that reach it.
+
+    The sampled bound is one that stage_k of the sampled chunks' group maxima reach (default
+    ``stage_k_by_default``): below topk, the skipped chunks stage fewer candidates, and bound
+    receives the higher of the two bounds. A row with fewer than topk scores at that bound then
+    keeps fewer than topk candidates, and the recheck ranks its block; so the results do not
+    depend on stage_k, only the time does.
 
     Tiles (H200, whole top-k at 1,024 / 4,096 sub-keys): the query slices as register operands
     (``q_reg``) and 4 key stages 0.487 / 1.202 ms; from shared memory with 3 stages 0.499 /
@@ -582,6 +617,11 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
                          "next chunk's products)")  # fmt: skip
     if sample > 1 and bound is None:
         raise ValueError("sample > 1 needs bound, a (2, H, N) fp32 tensor for the rows' bounds")
+    if stage_k is None:
+        stage_k = stage_k_by_default(topk, sample)
+    if not 1 <= stage_k <= topk or (sample == 1 and stage_k != topk):
+        raise ValueError(f"stage_k must be in [1, topk={topk}], and topk without sampling; "
+                         f"got {stage_k} with sample {sample}")  # fmt: skip
     rows = query_rows(q1, q2)
     if rows is None:
         raise ValueError("the query halves must be views of one contiguous (2, H, N, half) "
@@ -601,7 +641,8 @@ def half_topk_ws(q1, q2, keys1, keys2, scratch, late, topk: int, wide: int,
         K=topk, WIDE=wide,
         BLOCK_C=block_c, KSPLIT=half // SPLIT_, STAGES=stages, BISECT=bisect, STOP=stop,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, Q_REG=q_reg,
-        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, num_warps=4,
+        NUM_C=consumers, COMPACT=compact, SAMPLE=sample, OVERLAP=overlap, STAGE_K=stage_k,
+        num_warps=4,
         # one consumer: registers for two programs a multiprocessor (their shared memory fits)
         **({"maxnreg": maxnreg or 128} if consumers == 1 or maxnreg else {}),
     )  # fmt: skip
