@@ -550,10 +550,11 @@ def stage_k_by_default(topk: int, sample: int) -> int:
 
     The filter keeps a row's candidates at the higher of that bound and the bound from every
     chunk, so a row is rechecked only where fewer than topk of its scores reach the staged one.
-    Counted on the CPU over 131,072 rows of Gaussian scores at 4,096 sub-keys, top-32, sample
-    4: staged candidates a row 146 with 32, 85 with 20 (none short of 32: no recheck); with
-    16 a row in 7,300 is short, with sample 2 (top-32, 20) one in 160, at top-16 and 10 one
-    in 4,400. On an H200 at 16,384 tokens x 4 heads (84 staged a row, none short): the filter
+    Replayed on the CPU over 131,072 rows of Gaussian scores (``bench/stage_bound.py``) at
+    4,096 sub-keys, top-32, sample 4: staged candidates a row 146 with 32, 84 with 20 (no row
+    short of 32: no recheck), 67 with 16 (24 rows short, 1.2% of the 64-row blocks
+    rechecked); with sample 2 and 20 a row in 135 is short, at top-16 and 10 one in 2,900.
+    On an H200 at 16,384 tokens x 4 heads (84 staged a row, none short): the filter
     0.061 ms against 0.085, the half kernel 0.659 against 0.648 (two bisections in pass one),
     the whole top-k 0.894 ms against 0.923 and the 16M layer forward 1.311x the 1M one
     against 1.325x (five rounds in turns; docs/BENCHMARKS.md)."""
