@@ -33,8 +33,8 @@ which ``triton_topk.filter_candidates`` keeps the ones that reach it for the com
 The skipped chunks are kept by a bound that fewer maxima reach (``stage_k``, by default 5/8 of
 K at top-32 over a quarter), so fewer are staged; the filter's bound is the higher of that and
 the whole one, and a row left with fewer than K goes to the recheck. Done in this kernel's
-tail, that filter left the multiprocessor idle (its one program there
-waited on its own loads); as a kernel of its own it costs little.
+tail, that filter left the multiprocessor idle (its one program there waited on its own
+loads); as a kernel of its own it costs little.
 
 Only for bf16 queries in the layout ``query_topk`` writes (2, H, N, half), half a multiple of
 64 up to 256, n_keys a multiple of BLOCK_C and topk at most BLOCK_C; ``eligible`` says when.
@@ -545,8 +545,9 @@ def overlap_by_default(compact: int, consumers: int) -> bool:
 
 
 def stage_k_by_default(topk: int, sample: int) -> int:
-    """How many of the sampled chunks' group maxima the staged bound is one that they reach:
-    5/8 of topk with pass one over a quarter of the chunks or less, topk from 32 (else topk).
+    """How many of the sampled chunks' group maxima must reach the bound that the skipped
+    chunks are staged by: 5/8 of topk where pass one reads a quarter of the chunks or less and
+    topk is at least 32, else topk.
 
     The filter keeps a row's candidates at the higher of that bound and the bound from every
     chunk, so a row is rechecked only where fewer than topk of its scores reach the staged one.
