@@ -226,8 +226,8 @@ FOUR_CONSUMERS = dict(consumers=4, consumer_regs=120, loader_regs=24, q_reg=Fals
         dict(compact=0, sample=1),  # places by a product with the triangle
         dict(compact=1, sample=2),  # pass one over half the sub-keys: a looser bound
         dict(compact=1, sample=4),  # ... a quarter: more candidates staged, then filtered
-        # the skipped chunks staged by a bound that topk of the sampled ones reach (fewer
-        # staged than the default's for top-32), and by one that most rows fall short of at
+        # the skipped chunks staged by a bound that topk of the sampled maxima reach (more
+        # staged than by the default's at top-32), and by one that most rows fall short of at
         # the filter (their blocks ranked by the recheck)
         dict(compact=1, sample=4, stage_k=32),
         dict(compact=1, sample=4, stage_k=4),
